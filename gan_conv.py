@@ -1,0 +1,406 @@
+"""A DCGAN on Fashion-MNIST: the tutorial's experiment (c), G and D both convolutional; (b) with --disc fc.
+
+    python gan_conv.py --loss wgan-gp --epochs 50     # --loss bce | lsgan | wgan | wgan-gp
+    python gan_conv.py --disc fc                      # experiment (b): conv G, fully-connected D
+
+Reads top to bottom like the tutorial: arguments, models (section 2.2), data, one D step and one G step
+(section 2.1), the loop, main(). gan_fc.py repeats everything below the models word for word, so
+either file can be copied on its own; the only shared module is losses.py (section 4).
+"""
+import argparse
+import csv
+import gzip
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from losses import LOSSES, clip_weights, discriminator_loss, generator_loss, gradient_penalty
+
+SCRIPT = "gan_conv"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--loss", choices=LOSSES, default="bce", help="GAN loss, tutorial section 4 (default: bce)")
+    p.add_argument("--epochs", type=int, default=50, help="passes of the critic over the training set (default: 50)")
+    p.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    p.add_argument("--latent-dim", type=int, default=128, help="size of the noise vector z (default: 128)")
+    p.add_argument("--disc", choices=("conv", "fc"), default="conv",
+                   help="conv: experiment (c), DCGAN; fc: experiment (b), gan_fc.py's D (default: conv)")
+    p.add_argument("--width", type=int, default=128, help="conv channel width w: layers have "
+                   "w..8w channels (default: 128, the tutorial's; 32 trains ~10x faster on a CPU)")
+    p.add_argument("--lr", type=float, help="learning rate of G and D (default per loss: bce/lsgan "
+                   "2e-4 Adam, wgan 5e-5 RMSprop, wgan-gp 1e-4 Adam)")
+    p.add_argument("--betas", type=float, nargs=2, help="Adam betas (default per loss: (0.5, 0.999); "
+                   "wgan-gp (0.0, 0.9); wgan uses RMSprop, which has none)")
+    p.add_argument("--n-critic", type=int, help="critic steps per G step (default per loss: 1; 5 for WGANs)")
+    p.add_argument("--clip", type=float, help="wgan: clip critic weights to [-c, c] (default 0.01)")
+    p.add_argument("--gp-weight", type=float, help="wgan-gp: gradient penalty weight lambda (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto: cuda, else mps, else cpu (default: auto)")
+    p.add_argument("--data-root", default="./data", help="where torchvision's FashionMNIST/ folder is (default: ./data)")
+    p.add_argument("--train-images", type=int, default=60000, help="use only the first N training "
+                   "images, for quick checks (default: 60000)")
+    p.add_argument("--out", help="output folder (default runs/<architecture>_<loss>, or the folder "
+                   "of the --resume checkpoint)")
+    p.add_argument("--sample-every", type=int, default=5, help="epochs between sample grids (default: 5)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (faster on recent GPUs/CPUs)")
+    p.add_argument("--resume", metavar="PATH", help="continue training from this checkpoint.pt")
+    p.add_argument("--generate", type=int, metavar="N", help="with --resume: train nothing, write N "
+                   "samples to generated.png and generated.pt")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse flags, check them and fill the per-loss defaults. Bad input exits with one line."""
+    parser = build_parser()
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
+    args = parser.parse_args(argv)
+    # Per-loss defaults from each paper's own algorithm: BCE/LSGAN as the tutorial (DCGAN's Adam
+    # settings, arXiv 1511.06434); WGAN Algorithm 1 (arXiv 1701.07875); WGAN-GP Algorithm 1 (1704.00028).
+    defaults = {"bce": (2e-4, (0.5, 0.999), 1), "lsgan": (2e-4, (0.5, 0.999), 1),
+                "wgan": (5e-5, None, 5), "wgan-gp": (1e-4, (0.0, 0.9), 5)}
+    lr, betas, n_critic = defaults[args.loss]
+    if args.loss == "wgan" and args.betas is not None:
+        parser.error("--betas is for Adam; --loss wgan trains with RMSprop (WGAN paper, section 3)")
+    args.lr = lr if args.lr is None else args.lr
+    args.betas = betas if args.betas is None else tuple(args.betas)
+    args.n_critic = n_critic if args.n_critic is None else args.n_critic
+    args.clip = 0.01 if args.clip is None else args.clip
+    args.gp_weight = 10.0 if args.gp_weight is None else args.gp_weight
+    for name in ("epochs", "batch_size", "latent_dim", "n_critic", "sample_every", "train_images", "width"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0 or args.clip <= 0 or args.gp_weight < 0:
+        parser.error("--lr and --clip must be positive and --gp-weight not negative")
+    if args.generate is not None and (args.generate < 1 or not args.resume):
+        parser.error("--generate N needs N >= 1 and --resume CHECKPOINT")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models (tutorial 2.2): G maps z to a 1x28x28 image in [-1, 1]; D maps an image to one raw score.
+# ----------------------------------------------------------------------------------------------------
+class Generator(nn.Module):
+    # DCGAN generator, no biases (BatchNorm follows). Real sizes 3/6/13/28; the tutorial's comments say 4/8/14/28.
+    def __init__(self, latent_dim=128, width=128):
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(latent_dim, 8 * w, 3, 1, 0, bias=False), nn.BatchNorm2d(8 * w), nn.ReLU(),  # 3x3
+            nn.ConvTranspose2d(8 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),  # 6x6
+            nn.ConvTranspose2d(4 * w, 2 * w, 5, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),  # 13x13
+            nn.ConvTranspose2d(2 * w, 1, 6, 2, 1, bias=False), nn.Tanh())  # 28x28, pixels in [-1, 1]
+
+    def forward(self, z):
+        return self.net(z.view(z.size(0), -1, 1, 1))
+
+
+class Discriminator(nn.Module):
+    # DCGAN discriminator, no final Sigmoid: D returns a logit, and losses.py applies the sigmoid inside
+    # the BCE where needed (stable, allowed under autocast); LSGAN and WGAN want the raw score (tutorial 4.3).
+    def __init__(self, width=128, norm="batch"):
+        super().__init__()
+        w = width
+
+        def norm_layer(c):
+            # BatchNorm mixes a batch's samples, but the gradient penalty is per sample, so a GP critic
+            # must not use it (WGAN-GP, arXiv 1704.00028, section 4). Its replacement is the one the paper
+            # recommends, layer norm: GroupNorm(1, c) normalises each sample over (c, h, w), with a
+            # per-channel scale and shift, so the parameter count stays the tutorial's.
+            return nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(1, c)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, w, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),  # 14x14
+            nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), norm_layer(2 * w), nn.LeakyReLU(0.2),  # 7x7
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), norm_layer(4 * w), nn.LeakyReLU(0.2),  # 3x3
+            nn.Conv2d(4 * w, 1, 3, 1, 0, bias=False))  # 1x1: one score
+
+    def forward(self, x):
+        return self.net(x).view(-1, 1)
+
+
+class FCDiscriminator(nn.Module):
+    # Experiment (b): gan_fc.py's fully-connected D against the conv G (logit out, as above).
+    def __init__(self, dropout=0.3):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(28 * 28, 1024), nn.LeakyReLU(0.2), nn.Dropout(dropout),
+            nn.Linear(1024, 512), nn.LeakyReLU(0.2), nn.Dropout(dropout),
+            nn.Linear(512, 256), nn.LeakyReLU(0.2),
+            nn.Linear(256, 1))
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+def build_models(args):
+    G = Generator(args.latent_dim, args.width)
+    if args.disc == "fc":
+        # A WGAN critic must be one fixed function (its Lipschitz constant is what clipping or the penalty
+        # controls), so it gets no Dropout; BCE and LSGAN keep the tutorial's Dropout(0.3).
+        return G, FCDiscriminator(0.0 if args.loss in ("wgan", "wgan-gp") else 0.3)
+    return G, Discriminator(args.width, "layer" if args.loss == "wgan-gp" else "batch")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the whole training set as one uint8 tensor on the device; no DataLoader, no per-image transforms.
+# ----------------------------------------------------------------------------------------------------
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+
+
+def load_fashion_mnist(root, train=True, debian_dir=DEBIAN_DIR):
+    """Images (N, 1, 28, 28) uint8 and labels (N,): from root, else Debian's package, else a download."""
+    from torchvision.datasets import FashionMNIST
+    raw = Path(root) / "FashionMNIST" / "raw"
+    names = [f"{s}-{k}-idx{d}-ubyte" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
+    if not all((raw / n).exists() for n in names) and all(Path(debian_dir, n + ".gz").exists() for n in names):
+        raw.mkdir(parents=True, exist_ok=True)  # torchvision reads the uncompressed files from raw/
+        for n in names:
+            with gzip.open(Path(debian_dir, n + ".gz")) as src, open(raw / (n + ".part"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(raw / (n + ".part"), raw / n)
+    try:
+        ds = FashionMNIST(root, train=train, download=not all((raw / n).exists() for n in names))
+    except Exception as e:  # offline, or a damaged file
+        sys.exit(f"error: cannot load Fashion-MNIST from {raw} ({type(e).__name__}: {e}); offline, run "
+                 f"'sudo apt-get install dataset-fashion-mnist' or put the four *-ubyte files in {raw}/")
+    return ds.data.unsqueeze(1), ds.targets
+
+
+def to_unit_range(images):
+    # uint8 [0, 255] -> float [-1, 1]: the tutorial's ToTensor() + Normalize((0.5,), (0.5,)), per batch.
+    return images.float().div_(127.5).sub_(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One D step and one G step (tutorial 2.1)
+# ----------------------------------------------------------------------------------------------------
+def d_step(D, opt_d, real, fake, loss, gp_weight=10.0, clip=0.01, amp=False):
+    """One update of D (the critic for WGANs). Returns (loss, mean(real) - mean(fake) scores)."""
+    fake = fake.detach()  # D's step must not reach G: the fakes are constants here (tutorial 2.1)
+    with torch.autocast(real.device.type, torch.bfloat16, enabled=amp):
+        real_scores, fake_scores = D(real), D(fake)
+        d_loss = discriminator_loss(loss, real_scores, fake_scores)
+    if loss == "wgan-gp":  # WGAN-GP, arXiv 1704.00028, Algorithm 1, line 7
+        d_loss = d_loss + gp_weight * gradient_penalty(D, real, fake)
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_d.step()
+    if loss == "wgan":  # WGAN, arXiv 1701.07875, Algorithm 1, line 7
+        clip_weights(D, clip)
+    return d_loss.detach(), (real_scores.float().mean() - fake_scores.float().mean()).detach()
+
+
+def g_step(D, opt_g, fake, loss, amp=False):
+    """One update of G through D's graph. D's weights get no gradient (the tutorial computes and drops them)."""
+    D.requires_grad_(False)
+    with torch.autocast(fake.device.type, torch.bfloat16, enabled=amp):
+        g_loss = generator_loss(loss, D(fake))
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    D.requires_grad_(True)
+    return g_loss.detach()
+
+
+def make_optimizers(G, D, args, device):
+    if args.loss == "wgan":  # WGAN, section 3: momentum-based optimizers made the critic unstable
+        return (torch.optim.RMSprop(G.parameters(), lr=args.lr), torch.optim.RMSprop(D.parameters(), lr=args.lr))
+    fused = device.type in ("cuda", "cpu")  # one pass over all parameters, not one op per tensor
+    return (torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas, fused=fused),
+            torch.optim.Adam(D.parameters(), lr=args.lr, betas=args.betas, fused=fused))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop's outputs: sample grids, metrics.csv, losses.png, checkpoint.pt
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample(G, z, batch=1000):
+    """G's images for noise z as uint8 (N, 1, 28, 28), G in eval mode (BatchNorm uses running stats)."""
+    was_training = G.training
+    G.eval()
+    x = torch.cat([G(chunk).float() for chunk in z.split(batch)])
+    G.train(was_training)
+    return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+def save_grid(images, path):
+    save_image(images.float() / 255, path, nrow=math.ceil(math.sqrt(len(images))), padding=2)
+
+
+def write_metrics(history, out, loss):
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    import matplotlib
+    matplotlib.use("Agg")  # write a file, never open a window (the tutorial's plt.show() blocks)
+    import matplotlib.pyplot as plt
+    epochs = [row["epoch"] for row in history]
+    wgan = loss in ("wgan", "wgan-gp")
+    fig, axes = plt.subplots(1, 2 if wgan else 1, figsize=(10 if wgan else 5.5, 3.8), squeeze=False)
+    axes[0, 0].plot(epochs, [row["d_loss"] for row in history], "o-", ms=3, label="D loss")
+    axes[0, 0].plot(epochs, [row["g_loss"] for row in history], "o-", ms=3, label="G loss")
+    axes[0, 0].set(xlabel="epoch", ylabel="mean loss over the epoch", title=f"{loss} losses")
+    axes[0, 0].legend()
+    if wgan:  # the critic's Wasserstein estimate should fall as G improves (WGAN paper, section 4.2)
+        axes[0, 1].plot(epochs, [row["wasserstein_estimate"] for row in history], "o-", ms=3, color="C2")
+        axes[0, 1].set(xlabel="epoch", ylabel="mean D(real) - mean D(fake)", title="critic's W estimate")
+    fig.tight_layout()
+    fig.savefig(out / "losses.png", dpi=100)
+    plt.close(fig)
+
+
+def save_checkpoint(path, **state):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path, script):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: runs no code
+        ok = isinstance(ckpt, dict) and ckpt.get("script") == script
+    except Exception as e:
+        sys.exit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    if not ok:
+        sys.exit(f"error: {path} is not a checkpoint of {script}.py (it says {ckpt.get('script')!r})"
+                 if isinstance(ckpt, dict) else f"error: {path} is not a checkpoint of {script}.py")
+    return ckpt
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        sys.exit(f"error: --device {name} is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# main(): set up, then the loop
+# ----------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, SCRIPT)
+        # Continue with the run's own settings; only these may change on resume.
+        keep = {k: getattr(args, k) for k in ("epochs", "device", "data_root", "out", "sample_every",
+                                              "amp", "resume", "generate")}
+        vars(args).update(ckpt["args"], **keep)
+        args.betas = tuple(args.betas) if args.betas else None
+        args.out = args.out or str(Path(args.resume).parent)
+    args.out = Path(args.out or f"runs/{default_run_name(args)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    G, D = (m.to(device) for m in build_models(args))
+    if ckpt:
+        G.load_state_dict(ckpt["G"])
+        D.load_state_dict(ckpt["D"])
+    if args.generate:  # --generate N --resume PATH: samples from the checkpoint's G, no training
+        images = sample(G, torch.randn(args.generate, args.latent_dim, device=device))
+        torch.save(images, args.out / "generated.pt")
+        save_grid(images, args.out / "generated.png")
+        print(f"wrote {args.generate} samples to {args.out}/generated.pt and generated.png")
+        return
+    opt_g, opt_d = make_optimizers(G, D, args, device)
+    start, step, history = 0, 0, []
+    if ckpt:
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        start, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        if start >= args.epochs:
+            sys.exit(f"error: {args.resume} has already trained {start} epochs; ask for more with --epochs")
+
+    data = load_fashion_mnist(args.data_root)[0][:args.train_images].to(device)
+    # The same noise every time (its own seeded generator), so grids from different epochs compare.
+    fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    B = args.batch_size
+    steps_per_epoch = len(data) // B  # full batches; a different remainder is left out each epoch
+    if steps_per_epoch == 0:
+        sys.exit(f"error: --batch-size {B} is larger than the {len(data)} training images")
+    print(f"{SCRIPT}: {args.loss} on {device}, {len(data)} images, G {n_params(G):,} / D {n_params(D):,} "
+          f"parameters, writing to {args.out}")
+
+    for epoch in range(start + 1, args.epochs + 1):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(data), device=device)
+        sums = torch.zeros(3, device=device)  # D loss, W estimate, G loss, summed on the device (no sync)
+        g_steps = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None)
+        for i in bar:
+            real = to_unit_range(data[perm[i * B:(i + 1) * B]])
+            z = torch.randn(B, args.latent_dim, device=device)
+            g_turn = (step + 1) % args.n_critic == 0  # G steps once every n_critic critic steps
+            # One G forward serves both steps: D sees it detached, and G's step reuses it with its graph.
+            with torch.set_grad_enabled(g_turn), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                fake = G(z)
+            d_loss, w_est = d_step(D, opt_d, real, fake, args.loss, args.gp_weight, args.clip, args.amp)
+            sums[:2] += torch.stack([d_loss, w_est])
+            if g_turn:
+                sums[2] += g_step(D, opt_g, fake, args.loss, args.amp)
+                g_steps += 1
+            step += 1
+            if i % 50 == 49:  # a device sync, so only now and then
+                d, _, g = (sums / torch.tensor([i + 1, i + 1, max(g_steps, 1)], device=device)).tolist()
+                bar.set_postfix(D=f"{d:.3f}", G=f"{g:.3f}")
+                stop_if_not_finite(d, g, epoch, args.out)
+        seconds = time.perf_counter() - t0
+        d, w, g = (sums / torch.tensor([steps_per_epoch, steps_per_epoch, max(g_steps, 1)], device=device)).tolist()
+        stop_if_not_finite(d, g, epoch, args.out)
+        history.append({"epoch": epoch, "d_loss": round(d, 5), "g_loss": round(g, 5),
+                        "wasserstein_estimate": round(w, 5) if args.loss in ("wgan", "wgan-gp") else "",
+                        "seconds": round(seconds, 2), "images_per_sec": round(steps_per_epoch * B / seconds, 1)})
+        if epoch % args.sample_every == 0 or epoch == args.epochs:
+            save_grid(sample(G, fixed_z), args.out / f"samples_epoch{epoch:03d}.png")
+        write_metrics(history, args.out, args.loss)
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+        save_checkpoint(args.out / "checkpoint.pt", script=SCRIPT, epoch=epoch, step=step, args=checkpoint_args(args),
+                        G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
+                        rng=rng, history=history)
+        w_text = f"  W {w:.4f}" if args.loss in ("wgan", "wgan-gp") else ""
+        print(f"epoch {epoch}/{args.epochs}  D {d:.4f}  G {g:.4f}{w_text}  {seconds:.1f} s  "
+              f"{steps_per_epoch * B / seconds:.0f} img/s", flush=True)
+    print(f"done: samples, metrics.csv, losses.png and checkpoint.pt in {args.out}")
+
+
+def default_run_name(args):
+    arch = "conv" if args.disc == "conv" else "convG-fcD"
+    return f"{arch}_{args.loss}" if args.width == 128 else f"{arch}-w{args.width}_{args.loss}"
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def checkpoint_args(args):
+    # Plain values only, so the checkpoint loads with weights_only=True.
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def stop_if_not_finite(d, g, epoch, out):
+    if not (math.isfinite(d) and math.isfinite(g)):
+        sys.exit(f"error: the loss became {d if not math.isfinite(d) else g} in epoch {epoch}; stopped. "
+                 f"The last good checkpoint is {out}/checkpoint.pt; try a lower --lr.")
+
+
+if __name__ == "__main__":
+    main()

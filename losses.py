@@ -1,0 +1,73 @@
+"""The four GAN losses of the tutorial (section 4), the WGAN-GP gradient penalty and WGAN weight clipping.
+
+Every score is D's raw output (a logit, no Sigmoid) and every loss is a scalar to *minimise*.
+Shared by gan_fc.py and gan_conv.py; test_gans.py checks each line against hand-computed values.
+"""
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("bce", "lsgan", "wgan", "wgan-gp")
+
+
+def _check(name):
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+
+
+def discriminator_loss(name, real_scores, fake_scores):
+    """D's (or the critic's) loss on raw scores. For 'wgan-gp' the caller adds the gradient penalty."""
+    _check(name)
+    # Losses in fp32 even under bf16 autocast: a mean of 128 bf16 values keeps only ~3 digits.
+    real, fake = real_scores.float(), fake_scores.float()
+    if name == "bce":
+        # GAN, arXiv 1406.2661, eq. 1: D maximises log D(x) + log(1 - D(G(z))), D = sigmoid(s).
+        # As a loss: BCE(s_real, 1) + BCE(s_fake, 0). On logits, not Sigmoid + BCELoss: the same function,
+        # but numerically stable and allowed under autocast (BCELoss raises there).
+        return (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+    if name == "lsgan":
+        # LSGAN, arXiv 1611.04076, eq. 2 with a=0, b=1: 1/2 E[(D(x) - 1)^2] + 1/2 E[D(G(z))^2].
+        return 0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake ** 2).mean()
+    # WGAN, arXiv 1701.07875, Algorithm 1: the critic *maximises* E[D(x)] - E[D(G(z))], so its loss is
+    # E[D(G(z))] - E[D(x)]. (The tutorial writes the objective, E[D(x)] - E[D(G(z))], as the loss: wrong sign.)
+    return fake.mean() - real.mean()
+
+
+def generator_loss(name, fake_scores):
+    """G's loss on D's raw scores for G's samples."""
+    _check(name)
+    fake = fake_scores.float()
+    if name == "bce":
+        # Non-saturating loss, arXiv 1406.2661, section 3: maximise log D(G(z)), i.e. BCE(s_fake, 1);
+        # minimising log(1 - D(G(z))) gives G no gradient early on, when D rejects every fake.
+        return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+    if name == "lsgan":
+        # LSGAN, arXiv 1611.04076, eq. 2 with c=1: 1/2 E[(D(G(z)) - 1)^2].
+        return 0.5 * ((fake - 1) ** 2).mean()
+    # WGAN, arXiv 1701.07875, Algorithm 1 (and WGAN-GP): G minimises -E[D(G(z))].
+    return -fake.mean()
+
+
+def gradient_penalty(critic, real, fake):
+    """WGAN-GP, arXiv 1704.00028, eq. 3: E[(||grad_x~ D(x~)||_2 - 1)^2], x~ = a*real + (1-a)*fake, a ~ U(0, 1).
+
+    One `a` per sample, broadcast over all of its other dimensions, so (B, 784) and (B, 1, 28, 28) both
+    work (the tutorial's (B, 1) only broadcasts for flat inputs). The norm is over each sample's flattened
+    gradient. create_graph=True makes the penalty differentiable w.r.t. the critic's parameters, so
+    backward() on it trains the critic. Nothing is accumulated into any .grad here.
+    """
+    # In fp32 even under --amp: this is a gradient of a gradient, where bf16 rounding adds up.
+    with torch.autocast(real.device.type, enabled=False):
+        real, fake = real.detach().float(), fake.detach().float()
+        a = torch.rand(real.size(0), *[1] * (real.dim() - 1), device=real.device)
+        # a*x + (1-a)*x^ (the tutorial prints a*x - (1-a)*x^, which is not between the two samples).
+        x = (a * real + (1 - a) * fake).requires_grad_(True)
+        (grad,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
+        return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+@torch.no_grad()
+def clip_weights(module, c):
+    """WGAN, arXiv 1701.07875, Algorithm 1, line 7: clamp every critic parameter to [-c, c] in place."""
+    for p in module.parameters():
+        p.clamp_(-c, c)
