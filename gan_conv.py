@@ -50,7 +50,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="auto: cuda, else mps, else cpu (default: auto)")
-    p.add_argument("--data-root", default="./data", help="where torchvision's FashionMNIST/ folder is (default: ./data)")
+    p.add_argument("--data-root", help="where torchvision's FashionMNIST/ folder is (default: ./data, or the "
+                   "--resume run's)")
     p.add_argument("--train-images", type=int, default=60000, help="use only the first N training "
                    "images, for quick checks (default: 60000)")
     p.add_argument("--out", help="output folder (default runs/<architecture>_<loss>, or the folder "
@@ -299,11 +300,13 @@ def main(argv=None):
     if args.resume:
         ckpt = load_checkpoint(args.resume, SCRIPT)
         # Continue with the run's own settings; only these may change on resume.
-        keep = {k: getattr(args, k) for k in ("epochs", "device", "data_root", "out", "sample_every",
-                                              "amp", "resume", "generate")}
-        vars(args).update(ckpt["args"], **keep)
+        given = {k: getattr(args, k) for k in ("epochs", "device", "data_root", "out", "sample_every",
+                                               "amp", "resume", "generate")}
+        vars(args).update(ckpt["args"])
+        vars(args).update({k: v for k, v in given.items() if v is not None})
         args.betas = tuple(args.betas) if args.betas else None
-        args.out = args.out or str(Path(args.resume).parent)
+        args.out = given["out"] or str(Path(args.resume).parent)
+    args.data_root = args.data_root or "./data"
     args.out = Path(args.out or f"runs/{default_run_name(args)}")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

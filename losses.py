@@ -58,8 +58,8 @@ def gradient_penalty(critic, real, fake):
     """
     # In fp32 even under --amp: this is a gradient of a gradient, where bf16 rounding adds up.
     with torch.autocast(real.device.type, enabled=False):
-        real, fake = real.detach().float(), fake.detach().float()
-        a = torch.rand(real.size(0), *[1] * (real.dim() - 1), device=real.device)
+        real, fake = real.detach(), fake.detach().to(real.dtype)  # G's fakes may be bf16 under --amp
+        a = torch.rand(real.size(0), *[1] * (real.dim() - 1), device=real.device, dtype=real.dtype)
         # a*x + (1-a)*x^ (the tutorial prints a*x - (1-a)*x^, which is not between the two samples).
         x = (a * real + (1 - a) * fake).requires_grad_(True)
         (grad,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)

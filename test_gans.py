@@ -1,0 +1,509 @@
+"""Tests: every loss against hand-computed values and independent references, the gradient penalty,
+weight clipping, the detach in the D step, and both scripts end to end on tiny synthetic data.
+
+    pytest            # about a minute on 2 CPU cores; the real-data test runs when Fashion-MNIST is present
+"""
+import gzip
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gan_conv
+import gan_fc
+import losses
+from losses import LOSSES, clip_weights, discriminator_loss, generator_loss, gradient_penalty
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = {"gan_fc": gan_fc, "gan_conv": gan_conv}
+WGANS = ("wgan", "wgan-gp")
+
+
+def softplus(x):  # log(1 + e^x), by hand: BCE(s, 1) = softplus(-s), BCE(s, 0) = softplus(s)
+    return math.log1p(math.exp(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# losses.py: values
+# ----------------------------------------------------------------------------------------------------
+REAL, FAKE = [2.0, 0.5], [-1.0, 0.5]
+
+
+@pytest.mark.parametrize("name, d_expected, g_expected", [
+    ("bce", (softplus(-2.0) + softplus(-0.5)) / 2 + (softplus(-1.0) + softplus(0.5)) / 2,
+     (softplus(1.0) + softplus(-0.5)) / 2),
+    ("lsgan", 0.5 * ((2 - 1) ** 2 + (0.5 - 1) ** 2) / 2 + 0.5 * ((-1) ** 2 + 0.5 ** 2) / 2,
+     0.5 * ((-1 - 1) ** 2 + (0.5 - 1) ** 2) / 2),
+    ("wgan", (-1.0 + 0.5) / 2 - (2.0 + 0.5) / 2, -(-1.0 + 0.5) / 2),  # E[D(fake)] - E[D(real)]; -E[D(fake)]
+    ("wgan-gp", (-1.0 + 0.5) / 2 - (2.0 + 0.5) / 2, -(-1.0 + 0.5) / 2),
+])
+def test_loss_values_by_hand(name, d_expected, g_expected):
+    for shape in ((2,), (2, 1)):  # (B,) and (B, 1) scores alike
+        real, fake = torch.tensor(REAL).view(shape), torch.tensor(FAKE).view(shape)
+        d, g = discriminator_loss(name, real, fake), generator_loss(name, fake)
+        assert d.shape == g.shape == ()
+        assert d.item() == pytest.approx(d_expected, rel=1e-6)
+        assert g.item() == pytest.approx(g_expected, rel=1e-6)
+
+
+def test_bce_equals_sigmoid_plus_bceloss():
+    real, fake = torch.randn(64, 1) * 3, torch.randn(64, 1) * 3
+    bce = nn.BCELoss()
+    p_real, p_fake = torch.sigmoid(real), torch.sigmoid(fake)
+    d_ref = bce(p_real, torch.ones_like(p_real)) + bce(p_fake, torch.zeros_like(p_fake))
+    torch.testing.assert_close(discriminator_loss("bce", real, fake), d_ref)
+    torch.testing.assert_close(generator_loss("bce", fake), bce(p_fake, torch.ones_like(p_fake)))
+
+
+def test_generator_bce_is_non_saturating():
+    # A fake D is sure of (score -10): log(1 - D) would give G almost no gradient; -log D gives ~1 per sample.
+    fake = torch.full((4, 1), -10.0, requires_grad=True)
+    generator_loss("bce", fake).backward()
+    assert torch.allclose(fake.grad, torch.full_like(fake, -1 / 4), atol=1e-4)
+
+
+def test_unknown_loss_raises_value_error_naming_the_valid_ones():
+    for call in (lambda: discriminator_loss("hinge", torch.zeros(2), torch.zeros(2)),
+                 lambda: generator_loss("hinge", torch.zeros(2))):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert "hinge" in str(e.value) and all(name in str(e.value) for name in LOSSES)
+
+
+@pytest.mark.parametrize("name", WGANS)
+def test_critic_descent_step_widens_real_fake_gap(name):
+    torch.manual_seed(0)
+    critic = nn.Linear(10, 1)
+    real, fake = torch.randn(32, 10) + 1, torch.randn(32, 10) - 1
+
+    def gap():
+        with torch.no_grad():
+            return (critic(real).mean() - critic(fake).mean()).item()
+
+    before = gap()
+    discriminator_loss(name, critic(real), critic(fake)).backward()
+    torch.optim.SGD(critic.parameters(), lr=0.01).step()
+    assert gap() > before + 1e-3  # minimising the critic loss maximises E[D(real)] - E[D(fake)]
+
+
+def test_bce_under_cpu_bf16_autocast():
+    torch.manual_seed(0)
+    D, x, y = nn.Linear(8, 1), torch.randn(16, 8), torch.randn(16, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        real, fake = D(x), D(y)
+        assert real.dtype == torch.bfloat16  # really under autocast
+        d, g = discriminator_loss("bce", real, fake), generator_loss("bce", fake)
+    assert d.dtype == g.dtype == torch.float32
+    torch.testing.assert_close(d, discriminator_loss("bce", D(x), D(y)), atol=0.03, rtol=0.03)
+    d.backward()
+    assert torch.isfinite(D.weight.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# losses.py: gradient penalty and clipping
+# ----------------------------------------------------------------------------------------------------
+class LinearCritic(nn.Module):
+    """D(x) = w . flatten(x): its input gradient is w everywhere, so the penalty is (||w|| - 1)^2."""
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w
+
+
+@pytest.mark.parametrize("shape", [(8, 784), (8, 1, 28, 28)])
+def test_gradient_penalty_of_linear_critic_is_exact(shape):
+    torch.manual_seed(0)
+    w = torch.randn(784, dtype=torch.float64)
+    real, fake = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    gp = gradient_penalty(LinearCritic(w).double(), real, fake)
+    torch.testing.assert_close(gp, (w.norm() - 1) ** 2, rtol=1e-10, atol=1e-12)
+    gp_unit = gradient_penalty(LinearCritic(w / w.norm()).double(), real, fake)
+    assert gp_unit.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(16, 784), (16, 1, 28, 28)])
+def test_interpolation_weight_is_one_per_sample_in_the_segment(shape):
+    torch.manual_seed(0)
+    seen = []
+
+    def critic(x):
+        seen.append(x.detach().clone())
+        return (x ** 2).flatten(1).sum(1)
+
+    real, fake = torch.rand(shape) + 1, -torch.rand(shape) - 1  # real - fake is never 0
+    gradient_penalty(critic, real, fake)
+    a = (seen[0] - fake) / (real - fake)  # x~ = a*real + (1-a)*fake  =>  a = (x~ - fake) / (real - fake)
+    a = a.flatten(1)
+    torch.testing.assert_close(a, a[:, :1].expand_as(a), atol=1e-5, rtol=0)  # constant within a sample
+    assert (a >= 0).all() and (a <= 1).all()
+    assert a[:, 0].std() > 0.1  # and drawn anew for each sample
+
+
+def test_gradient_penalty_norm_is_per_sample():
+    # Two samples whose input gradients have norms 3 and 1: per sample, ((3 - 1)^2 + (1 - 1)^2) / 2 = 2.
+    # One norm over the whole batch (sqrt(10)) or per pixel would give another number.
+    class Critic(nn.Module):
+        def forward(self, x):
+            scale = torch.tensor([3.0, 1.0]).view(2, 1)
+            return (x.flatten(1) * scale).sum(1) / math.sqrt(x[0].numel())
+    real, fake = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    assert gradient_penalty(Critic(), real, fake).item() == pytest.approx(2.0, rel=1e-5)
+
+
+def test_gradient_penalty_trains_the_critic_and_leaves_no_gradients():
+    torch.manual_seed(0)
+    w = torch.randn(784) * 0.1
+    critic = LinearCritic(w)
+    real = torch.randn(4, 1, 28, 28, requires_grad=True)
+    fake = torch.randn(4, 1, 28, 28, requires_grad=True)
+    gp = gradient_penalty(critic, real, fake)
+    assert critic.w.grad is None and real.grad is None and fake.grad is None  # nothing accumulated
+    gp.backward()
+    # d/dw (||w|| - 1)^2 = 2 (||w|| - 1) w / ||w||: reaches the critic only through create_graph=True
+    torch.testing.assert_close(critic.w.grad, 2 * (w.norm() - 1) * w / w.norm(), rtol=1e-4, atol=1e-6)
+    assert real.grad is None and fake.grad is None  # the penalty never trains G
+
+
+def test_clip_weights_clamps_outside_and_keeps_inside():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 20), nn.BatchNorm1d(20), nn.Linear(20, 1))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    before = [p.detach().clone() for p in m.parameters()]
+    clip_weights(m, 0.01)
+    for b, p in zip(before, m.parameters()):
+        assert p.abs().max() <= 0.01
+        inside = b.abs() <= 0.01
+        assert torch.equal(p[inside], b[inside])
+        torch.testing.assert_close(p[~inside], b[~inside].sign() * 0.01)
+    assert any((b.abs() > 0.01).any() for b in before)
+
+
+def test_losses_module_has_exactly_the_named_api():
+    assert LOSSES == ("bce", "lsgan", "wgan", "wgan-gp")
+    public = {n for n in vars(losses) if not n.startswith("_") and callable(getattr(losses, n))
+              and getattr(getattr(losses, n), "__module__", "") == "losses"}
+    assert public == {"discriminator_loss", "generator_loss", "gradient_penalty", "clip_weights"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+def models(script, loss="bce", **flags):
+    argv = ["--loss", loss] + [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    return SCRIPTS[script].build_models(SCRIPTS[script].parse_args(argv))
+
+
+ARCHS = [("gan_fc", {}), ("gan_conv", {"width": 16}), ("gan_conv", {"width": 16, "disc": "fc"})]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("script, flags", ARCHS)
+def test_shapes(script, flags, loss):
+    G, D = models(script, loss, **flags)
+    latent = 100 if script == "gan_fc" else 128
+    x = G(torch.randn(5, latent))
+    assert x.shape == (5, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
+    assert D(x).shape == (5, 1)
+    assert D(torch.randn(5, 784).view(5, 1, 28, 28)).shape == (5, 1)
+
+
+def linear(i, o, bias=True):
+    return i * o + (o if bias else 0)
+
+
+def test_parameter_counts_are_the_tutorials():
+    fc_g = linear(100, 256) + linear(256, 512) + linear(512, 1024) + linear(1024, 784)
+    fc_d = linear(784, 1024) + linear(1024, 512) + linear(512, 256) + linear(256, 1)
+    w = 128  # conv layers have no bias; each BatchNorm has a scale and a shift per channel
+    conv_g = 128 * 8 * w * 9 + 8 * w * 4 * w * 16 + 4 * w * 2 * w * 25 + 2 * w * 36 + 2 * (8 + 4 + 2) * w
+    conv_d = 16 * w + w * 2 * w * 16 + 2 * w * 4 * w * 16 + 4 * w * 9 + 2 * (2 + 4) * w
+    assert (fc_g, fc_d, conv_g, conv_d) == (1_486_352, 1_460_225, 12_857_856, 2_629_632)
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+    for loss in LOSSES:
+        G, D = models("gan_fc", loss)
+        assert (count(G), count(D)) == (fc_g, fc_d)
+        G, D = models("gan_conv", loss)
+        assert (count(G), count(D)) == (conv_g, conv_d)
+        G, D = models("gan_conv", loss, disc="fc")
+        assert (count(G), count(D)) == (conv_g, fc_d)
+
+
+def test_gp_critic_has_no_batchnorm_and_wgan_critics_no_dropout():
+    for script, flags in ARCHS:
+        for loss in LOSSES:
+            _, D = models(script, loss, **flags)
+            kinds = {type(m) for m in D.modules()}
+            if loss == "wgan-gp":
+                assert not kinds & {nn.BatchNorm1d, nn.BatchNorm2d}
+            dropout = [m.p for m in D.modules() if isinstance(m, nn.Dropout)]
+            fc_d = script == "gan_fc" or flags.get("disc") == "fc"  # the tutorial's FC D has Dropout(0.3)
+            assert dropout == ([0.0, 0.0] if loss in WGANS else [0.3, 0.3]) if fc_d else dropout == []
+    _, D = models("gan_conv", "wgan-gp")
+    x = torch.randn(4, 1, 28, 28)
+    D.train()
+    torch.testing.assert_close(D(x)[:1], D(x[:1]))  # per-sample: a score does not depend on the batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# One D step and one G step
+# ----------------------------------------------------------------------------------------------------
+def step_setup(script, loss, flags):
+    torch.manual_seed(0)
+    module = SCRIPTS[script]
+    args = module.parse_args(["--loss", loss] + [x for k, v in flags.items() for x in (f"--{k}", str(v))])
+    G, D = module.build_models(args)
+    opt_g, opt_d = module.make_optimizers(G, D, args, torch.device("cpu"))
+    real = torch.rand(8, 1, 28, 28) * 2 - 1
+    fake = G(torch.randn(8, args.latent_dim))  # with its graph, as in the loop's G turn
+    return module, args, G, D, opt_g, opt_d, real, fake
+
+
+def params(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("script, flags", ARCHS)
+def test_d_step_trains_d_only_and_g_gets_no_gradient(script, flags, loss):
+    module, args, G, D, opt_g, opt_d, real, fake = step_setup(script, loss, flags)
+    g0, d0 = params(G), params(D)
+    d_loss, w_est = module.d_step(D, opt_d, real, fake, loss, args.gp_weight, args.clip)
+    assert all(p.grad is None for p in G.parameters())  # the fakes were detached
+    assert all(torch.equal(a, b) for a, b in zip(g0, G.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(d0, D.parameters()))
+    assert torch.isfinite(d_loss) and d_loss.requires_grad is False and torch.isfinite(w_est)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("script, flags", ARCHS)
+def test_g_step_trains_g_only_and_d_weights_get_no_gradient(script, flags, loss):
+    module, args, G, D, opt_g, opt_d, real, fake = step_setup(script, loss, flags)
+    g0, d0 = params(G), params(D)
+    g_loss = module.g_step(D, opt_g, fake, loss)
+    assert all(p.grad is None for p in D.parameters())  # not computed at all, not just not applied
+    assert all(torch.equal(a, b) for a, b in zip(d0, D.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(g0, G.parameters()))
+    assert all(p.requires_grad for p in D.parameters())  # D is trainable again for its next step
+    assert torch.isfinite(g_loss)
+
+
+@pytest.mark.parametrize("script, flags", ARCHS)
+def test_wgan_critic_weights_stay_clipped_after_every_step(script, flags):
+    module, args, G, D, opt_g, opt_d, real, _ = step_setup(script, "wgan", dict(flags, lr=0.1))
+    for _ in range(3):
+        module.d_step(D, opt_d, real, G(torch.randn(8, args.latent_dim)), "wgan", clip=args.clip)
+        assert args.clip == 0.01
+        assert all(p.abs().max() <= args.clip for p in D.parameters())
+
+
+def test_wgan_gp_d_step_adds_the_penalty():
+    module, args, G, D, opt_g, opt_d, real, fake = step_setup("gan_fc", "wgan-gp", {})
+    torch.manual_seed(1)
+    with_gp, _ = module.d_step(D, opt_d, real, fake, "wgan-gp", gp_weight=10.0)
+    _, _, _, D2, _, opt_d2, _, _ = step_setup("gan_fc", "wgan-gp", {})
+    torch.manual_seed(1)
+    without, _ = module.d_step(D2, opt_d2, real, fake, "wgan-gp", gp_weight=0.0)
+    assert with_gp > without  # the penalty is non-negative and, at random init, far from zero
+
+
+# ----------------------------------------------------------------------------------------------------
+# Both scripts end to end, on tiny synthetic Fashion-MNIST files
+# ----------------------------------------------------------------------------------------------------
+def write_idx(path, tensor, magic):
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", s) for s in tensor.shape))
+        f.write(tensor.numpy().tobytes())
+
+
+@pytest.fixture(scope="session")
+def fake_data(tmp_path_factory):
+    """A data root in torchvision's layout with 256 random training and 64 test images."""
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 256), ("t10k", 64)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", torch.randint(0, 256, (n, 28, 28), generator=g,
+                                                                     dtype=torch.uint8), 0x803)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", torch.arange(n, dtype=torch.uint8) % 10, 0x801)
+    return root
+
+
+def tiny(script, data_root, out, *extra):
+    argv = ["--data-root", str(data_root), "--out", str(out), "--device", "cpu", "--batch-size", "32",
+            "--train-images", "128", "--sample-every", "1", *extra]
+    if script == "gan_conv":
+        argv += ["--width", "8"]
+    return argv
+
+
+def run_script(script, *argv):
+    return subprocess.run([sys.executable, str(HERE / f"{script}.py"), *map(str, argv)],
+                          capture_output=True, text=True, cwd=HERE, timeout=120)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_runs_end_to_end_and_writes_everything(script, loss, fake_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    SCRIPTS[script].main(tiny(script, fake_data, out, "--loss", loss, "--epochs", "2"))
+    printed = capsys.readouterr().out
+    assert "epoch 1/2" in printed and "epoch 2/2" in printed
+    assert {p.name for p in out.iterdir()} == {"samples_epoch001.png", "samples_epoch002.png",
+                                               "metrics.csv", "losses.png", "checkpoint.pt"}
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,d_loss,g_loss,wasserstein_estimate,seconds,images_per_sec"
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    for row in rows[1:]:
+        d, g, w = row.split(",")[1:4]
+        assert math.isfinite(float(d)) and math.isfinite(float(g))
+        assert (w != "") == (loss in WGANS)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["script"] == script and ckpt["epoch"] == 2 and ckpt["args"]["loss"] == loss
+    assert ckpt["step"] == 2 * 128 // 32
+    assert {"G", "D", "opt_g", "opt_d", "rng", "history"} <= set(ckpt)
+    from PIL import Image
+    grid = Image.open(out / "samples_epoch002.png")
+    assert grid.size == (8 * 30 + 2, 8 * 30 + 2)  # 64 fixed-noise samples, 8 x 8, 2-pixel padding
+
+
+@pytest.mark.parametrize("script, loss", [("gan_fc", "bce"), ("gan_fc", "wgan"), ("gan_conv", "wgan-gp"),
+                                          ("gan_conv", "lsgan")])
+def test_resume_equals_uninterrupted(script, loss, fake_data, tmp_path):
+    main = SCRIPTS[script].main
+    main(tiny(script, fake_data, tmp_path / "straight", "--loss", loss, "--epochs", "2"))
+    main(tiny(script, fake_data, tmp_path / "split", "--loss", loss, "--epochs", "1"))
+    main(["--resume", str(tmp_path / "split" / "checkpoint.pt"), "--epochs", "2"])
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert b["epoch"] == 2 and len(b["history"]) == 2
+    for part in ("G", "D"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert (tmp_path / "split" / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_same_fixed_noise_every_epoch(fake_data, tmp_path):
+    # With --lr tiny, G barely moves: grids from the same z are near-identical; from fresh z they would not be.
+    gan_fc.main(tiny("gan_fc", fake_data, tmp_path, "--epochs", "2", "--lr", "1e-12"))
+    from PIL import Image
+    import numpy as np
+    a, b = (np.asarray(Image.open(tmp_path / f"samples_epoch00{e}.png"), dtype=float) for e in (1, 2))
+    assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_generate_writes_uint8_samples_from_the_checkpoint(script, fake_data, tmp_path):
+    SCRIPTS[script].main(tiny(script, fake_data, tmp_path, "--epochs", "1"))
+    SCRIPTS[script].main(["--resume", str(tmp_path / "checkpoint.pt"), "--generate", "10",
+                          "--out", str(tmp_path / "gen")])
+    images = torch.load(tmp_path / "gen" / "generated.pt", weights_only=True)
+    assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8
+    assert images.float().std() > 0
+    assert (tmp_path / "gen" / "generated.png").exists()
+    assert not (tmp_path / "gen" / "checkpoint.pt").exists()  # trained nothing
+
+
+def test_both_scripts_take_the_same_flags():
+    def flags(module):
+        return {s for a in module.build_parser()._actions for s in a.option_strings}
+    assert flags(gan_conv) - flags(gan_fc) == {"--disc", "--width"}
+    assert flags(gan_fc) <= flags(gan_conv)
+    for name in ("--loss", "--epochs", "--batch-size", "--latent-dim", "--lr", "--betas", "--n-critic", "--clip",
+                 "--gp-weight", "--seed", "--device", "--data-root", "--out", "--sample-every", "--amp",
+                 "--resume", "--generate"):
+        assert name in flags(gan_fc)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_per_loss_defaults_follow_the_papers(script):
+    parse = SCRIPTS[script].parse_args
+    for loss, lr, betas, n_critic in (("bce", 2e-4, (0.5, 0.999), 1), ("lsgan", 2e-4, (0.5, 0.999), 1),
+                                      ("wgan", 5e-5, None, 5), ("wgan-gp", 1e-4, (0.0, 0.9), 5)):
+        a = parse(["--loss", loss])
+        assert (a.lr, a.betas, a.n_critic, a.clip, a.gp_weight) == (lr, betas, n_critic, 0.01, 10.0)
+    a = parse(["--loss", "wgan-gp", "--lr", "3e-4", "--betas", "0.5", "0.99", "--n-critic", "2"])
+    assert (a.lr, a.betas, a.n_critic) == (3e-4, (0.5, 0.99), 2)
+    G, D = SCRIPTS[script].build_models(parse(["--loss", "wgan"]))
+    opt_g, opt_d = SCRIPTS[script].make_optimizers(G, D, parse(["--loss", "wgan"]), torch.device("cpu"))
+    assert isinstance(opt_d, torch.optim.RMSprop) and opt_d.defaults["lr"] == 5e-5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one clear line, non-zero exit, no traceback
+# ----------------------------------------------------------------------------------------------------
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_flags_exit_with_one_line(script):
+    assert_one_line_error(run_script(script, "--loss", "hinge"), "hinge", "wgan-gp")
+    assert_one_line_error(run_script(script, "--epochs", "-1"), "--epochs")
+    assert_one_line_error(run_script(script, "--generate", "5"), "--resume")
+
+
+def test_bad_checkpoints_exit_with_one_line(fake_data, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert_one_line_error(run_script("gan_fc", "--resume", bad), str(bad))
+    truncated = tmp_path / "truncated.pt"
+    gan_conv.main(tiny("gan_conv", fake_data, tmp_path / "conv", "--epochs", "1"))
+    truncated.write_bytes((tmp_path / "conv" / "checkpoint.pt").read_bytes()[:5000])
+    assert_one_line_error(run_script("gan_conv", "--resume", truncated), str(truncated))
+    assert_one_line_error(run_script("gan_fc", "--resume", tmp_path / "conv" / "checkpoint.pt"), "gan_fc.py")
+    assert_one_line_error(run_script("gan_fc", "--resume", tmp_path / "missing.pt"), "missing.pt")
+
+
+def test_missing_data_offline_names_both_remedies(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(self):
+        raise RuntimeError("no internet")
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
+    with pytest.raises(SystemExit) as e:
+        gan_fc.load_fashion_mnist(tmp_path, debian_dir=tmp_path / "no-such-dir")
+    message = str(e.value)
+    assert "apt-get install dataset-fashion-mnist" in message and "FashionMNIST/raw" in message
+    assert "\n" not in message
+
+
+def test_non_finite_loss_stops_with_a_clear_message(fake_data, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        gan_fc.main(tiny("gan_fc", fake_data, tmp_path, "--loss", "lsgan", "--epochs", "3", "--lr", "1e30"))
+    assert "loss became" in str(e.value) and "--lr" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real Fashion-MNIST, when it is on this machine (CI installs Debian's dataset-fashion-mnist)
+# ----------------------------------------------------------------------------------------------------
+HAVE_DATA = (Path(gan_fc.DEBIAN_DIR) / "train-images-idx3-ubyte.gz").exists() or \
+    (HERE / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not on this machine")
+def test_real_data_loads_and_trains_a_few_batches(tmp_path):
+    images, labels = gan_fc.load_fashion_mnist(HERE / "data")
+    assert images.shape == (60000, 1, 28, 28) and images.dtype == torch.uint8
+    assert torch.bincount(labels).tolist() == [6000] * 10
+    x = gan_fc.to_unit_range(images[:1000])
+    assert x.min() == -1 and x.max() == 1 and -0.7 < x.mean() < -0.3  # mostly dark background
+    gan_fc.main(["--data-root", str(HERE / "data"), "--out", str(tmp_path), "--device", "cpu",
+                 "--train-images", "1280", "--epochs", "1"])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    row = ckpt["history"][0]
+    assert ckpt["step"] == 10 and math.isfinite(row["d_loss"]) and math.isfinite(row["g_loss"])
