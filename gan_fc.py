@@ -124,6 +124,10 @@ def build_models(args):
     return Generator(args.latent_dim), Discriminator(dropout)
 
 
+def default_run_name(args):
+    return f"fc_{args.loss}"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data: the whole training set as one uint8 tensor on the device; no DataLoader, no per-image transforms.
 # ----------------------------------------------------------------------------------------------------
@@ -241,14 +245,19 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path, script):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: runs no code
-        ok = isinstance(ckpt, dict) and ckpt.get("script") == script
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: runs no code
     except Exception as e:
-        sys.exit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
-    if not ok:
-        sys.exit(f"error: {path} is not a checkpoint of {script}.py (it says {ckpt.get('script')!r})"
-                 if isinstance(ckpt, dict) else f"error: {path} is not a checkpoint of {script}.py")
+        sys.exit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {str(e).split(chr(10))[0]}")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        sys.exit(f"error: {path} is not a checkpoint of {script}.py")
     return ckpt
+
+
+def stop_if_not_finite(d, g, epoch, out):
+    if not (math.isfinite(d) and math.isfinite(g)):
+        last = f"the last good checkpoint is {out / 'checkpoint.pt'}" if (out / "checkpoint.pt").exists() else "no checkpoint was written"
+        sys.exit(f"error: the loss became {d if not math.isfinite(d) else g} in epoch {epoch}, so training stopped; "
+                 f"{last}. Try a lower --lr.")
 
 
 def pick_device(name):
@@ -276,8 +285,9 @@ def main(argv=None):
         args.betas = tuple(args.betas) if args.betas else None
         args.out = given["out"] or str(Path(args.resume).parent)
     args.data_root = args.data_root or "./data"
-    args.out = Path(args.out or f"runs/{default_run_name(args)}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = args.out or f"runs/{default_run_name(args)}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
     G, D = (m.to(device) for m in build_models(args))
@@ -286,9 +296,9 @@ def main(argv=None):
         D.load_state_dict(ckpt["D"])
     if args.generate:  # --generate N --resume PATH: samples from the checkpoint's G, no training
         images = sample(G, torch.randn(args.generate, args.latent_dim, device=device))
-        torch.save(images, args.out / "generated.pt")
-        save_grid(images, args.out / "generated.png")
-        print(f"wrote {args.generate} samples to {args.out}/generated.pt and generated.png")
+        torch.save(images, out / "generated.pt")
+        save_grid(images, out / "generated.png")
+        print(f"wrote {args.generate} samples to {out / 'generated.pt'} and generated.png")
         return
     opt_g, opt_d = make_optimizers(G, D, args, device)
     start, step, history = 0, 0, []
@@ -309,8 +319,8 @@ def main(argv=None):
     steps_per_epoch = len(data) // B  # full batches; a different remainder is left out each epoch
     if steps_per_epoch == 0:
         sys.exit(f"error: --batch-size {B} is larger than the {len(data)} training images")
-    print(f"{SCRIPT}: {args.loss} on {device}, {len(data)} images, G {n_params(G):,} / D {n_params(D):,} "
-          f"parameters, writing to {args.out}")
+    print(f"{SCRIPT}: {args.loss} on {device}, {len(data)} images, G {sum(p.numel() for p in G.parameters()):,} / "
+          f"D {sum(p.numel() for p in D.parameters()):,} parameters, writing to {out}")
 
     for epoch in range(start + 1, args.epochs + 1):
         t0 = time.perf_counter()
@@ -334,43 +344,25 @@ def main(argv=None):
             if i % 50 == 49:  # a device sync, so only now and then
                 d, _, g = (sums / torch.tensor([i + 1, i + 1, max(g_steps, 1)], device=device)).tolist()
                 bar.set_postfix(D=f"{d:.3f}", G=f"{g:.3f}")
-                stop_if_not_finite(d, g, epoch, args.out)
+                stop_if_not_finite(d, g, epoch, out)
         seconds = time.perf_counter() - t0
         d, w, g = (sums / torch.tensor([steps_per_epoch, steps_per_epoch, max(g_steps, 1)], device=device)).tolist()
-        stop_if_not_finite(d, g, epoch, args.out)
+        stop_if_not_finite(d, g, epoch, out)
         history.append({"epoch": epoch, "d_loss": round(d, 5), "g_loss": round(g, 5),
                         "wasserstein_estimate": round(w, 5) if args.loss in ("wgan", "wgan-gp") else "",
                         "seconds": round(seconds, 2), "images_per_sec": round(steps_per_epoch * B / seconds, 1)})
         if epoch % args.sample_every == 0 or epoch == args.epochs:
-            save_grid(sample(G, fixed_z), args.out / f"samples_epoch{epoch:03d}.png")
-        write_metrics(history, args.out, args.loss)
+            save_grid(sample(G, fixed_z), out / f"samples_epoch{epoch:03d}.png")
+        write_metrics(history, out, args.loss)
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
-        save_checkpoint(args.out / "checkpoint.pt", script=SCRIPT, epoch=epoch, step=step, args=checkpoint_args(args),
+        save_checkpoint(out / "checkpoint.pt", script=SCRIPT, epoch=epoch, step=step, args=vars(args),
                         G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
                         rng=rng, history=history)
         w_text = f"  W {w:.4f}" if args.loss in ("wgan", "wgan-gp") else ""
         print(f"epoch {epoch}/{args.epochs}  D {d:.4f}  G {g:.4f}{w_text}  {seconds:.1f} s  "
               f"{steps_per_epoch * B / seconds:.0f} img/s", flush=True)
-    print(f"done: samples, metrics.csv, losses.png and checkpoint.pt in {args.out}")
+    print(f"done: samples, metrics.csv, losses.png and checkpoint.pt in {out}")
 
-
-def default_run_name(args):
-    return f"fc_{args.loss}"
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def checkpoint_args(args):
-    # Plain values only, so the checkpoint loads with weights_only=True.
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-def stop_if_not_finite(d, g, epoch, out):
-    if not (math.isfinite(d) and math.isfinite(g)):
-        sys.exit(f"error: the loss became {d if not math.isfinite(d) else g} in epoch {epoch}; stopped. "
-                 f"The last good checkpoint is {out}/checkpoint.pt; try a lower --lr.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""Speed: this project's training step against the tutorial's own loop, on one device, in one run.
+
+    python bench.py --device cpu                          # gan_fc.py, BCE: tutorial vs fp32 vs --amp
+    python bench.py --device cuda --arch conv             # gan_conv.py, experiment (c)
+    python bench.py --device cuda --arch convG-fcD        # gan_conv.py --disc fc, experiment (b)
+
+Both sides train the same architecture. The tutorial's side is its loop as printed (section 2.2): a
+DataLoader with per-image ToTensor + Normalize, D ending in Sigmoid + BCELoss, noise made on the CPU and
+copied, G run twice per step, and D's weight gradients computed in the G step. This project's side
+imports the scripts' own models, d_step, g_step and optimizers. The sides alternate in rounds after a
+warm-up, so both see the same machine state. Prints ms per step (one D step + one G step for BCE),
+images per second, the ratio, and on CUDA the peak memory (torch.cuda.max_memory_allocated).
+"""
+import argparse
+import itertools
+import platform
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+import gan_conv
+import gan_fc
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--arch", choices=("fc", "conv", "convG-fcD"), default="fc",
+                   help="fc: gan_fc.py; conv: gan_conv.py; convG-fcD: gan_conv.py --disc fc (default: fc)")
+    p.add_argument("--loss", choices=("bce", "lsgan", "wgan", "wgan-gp"), default="bce",
+                   help="this project's loss; the tutorial's side is always its BCE loop (default: bce)")
+    p.add_argument("--width", type=int, default=128, help="conv width (default: 128, the tutorial's)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=40, help="timed steps per side per round (default: 40)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per side first (default: 10)")
+    p.add_argument("--data-root", default="./data")
+    p.add_argument("--no-amp", action="store_true", help="skip the --amp row")
+    args = p.parse_args(argv)
+    args.device = gan_fc.pick_device(args.device)
+    return args
+
+
+def script_args(args, amp):
+    module = gan_fc if args.arch == "fc" else gan_conv
+    argv = ["--loss", args.loss, "--batch-size", str(args.batch_size)] + (["--amp"] if amp else [])
+    if args.arch != "fc":
+        argv += ["--width", str(args.width), "--disc", "conv" if args.arch == "conv" else "fc"]
+    return module, module.parse_args(argv)
+
+
+def images(args):
+    """Real Fashion-MNIST (uint8) when present, else random images of the same size."""
+    try:
+        return gan_fc.load_fashion_mnist(args.data_root)[0]
+    except SystemExit:
+        print("(Fashion-MNIST not found: timing on random 28x28 images, same per-image transforms)")
+        return torch.randint(0, 256, (60000, 1, 28, 28), dtype=torch.uint8)
+
+
+def tutorial_side(args, data):
+    """The tutorial's loop (section 2.2), one step per call. Its G and D are ours, plus D's final Sigmoid."""
+    from PIL import Image
+    import torchvision.transforms as transforms
+    device = args.device
+    module, a = script_args(args, amp=False)
+    torch.manual_seed(0)
+    generator, discriminator = module.build_models(a)
+    a.loss = "bce"
+    generator, discriminator = generator.to(device), nn.Sequential(discriminator, nn.Sigmoid()).to(device)
+    if args.arch == "fc":
+        discriminator[0].net[2].p = discriminator[0].net[5].p = 0.3  # the tutorial's D always has Dropout
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+
+    class Dataset(torch.utils.data.Dataset):  # what torchvision's FashionMNIST does per image
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return transform(Image.fromarray(data[i, 0].numpy(), mode="L")), 0
+    train_loader = torch.utils.data.DataLoader(Dataset(), batch_size=args.batch_size, shuffle=True)
+    batches = itertools.chain.from_iterable(itertools.repeat(train_loader))
+    optimizer_G = torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    optimizer_D = torch.optim.Adam(discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    criterion = nn.BCELoss()
+
+    def step():
+        real_imgs, _ = next(batches)
+        batch_size = real_imgs.size(0)
+        real_labels = torch.ones(batch_size, 1).to(device)
+        fake_labels = torch.zeros(batch_size, 1).to(device)
+        real_imgs = real_imgs.to(device)
+        z = torch.randn(batch_size, a.latent_dim).to(device)
+        fake_imgs = generator(z).detach()
+        d_loss = criterion(discriminator(real_imgs), real_labels) + criterion(discriminator(fake_imgs), fake_labels)
+        optimizer_D.zero_grad()
+        d_loss.backward()
+        optimizer_D.step()
+        z = torch.randn(batch_size, a.latent_dim).to(device)
+        fake_imgs = generator(z)
+        g_loss = criterion(discriminator(fake_imgs), real_labels)
+        optimizer_G.zero_grad()
+        g_loss.backward()
+        optimizer_G.step()
+    return step
+
+
+def project_side(args, data, amp):
+    """The scripts' loop body: resident uint8 data, one G forward, d_step and g_step as imported."""
+    device = args.device
+    module, a = script_args(args, amp)
+    torch.manual_seed(0)
+    G, D = (m.to(device) for m in module.build_models(a))
+    opt_g, opt_d = module.make_optimizers(G, D, a, device)
+    data = data.to(device)
+    B, state = a.batch_size, {"step": 0, "perm": torch.randperm(len(data), device=device), "i": 0}
+
+    def step():
+        if (state["i"] + 1) * B > len(data):
+            state["perm"], state["i"] = torch.randperm(len(data), device=device), 0
+        real = module.to_unit_range(data[state["perm"][state["i"] * B:(state["i"] + 1) * B]])
+        z = torch.randn(B, a.latent_dim, device=device)
+        g_turn = (state["step"] + 1) % a.n_critic == 0
+        with torch.set_grad_enabled(g_turn), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            fake = G(z)
+        module.d_step(D, opt_d, real, fake, a.loss, a.gp_weight, a.clip, amp)
+        if g_turn:
+            module.g_step(D, opt_g, fake, a.loss, amp)
+        state["step"] += 1
+        state["i"] += 1
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    data = images(args)
+    sides = {"tutorial's loop": lambda: tutorial_side(args, data),
+             "this project": lambda: project_side(args, data, amp=False)}
+    if not args.no_amp:
+        sides["this project --amp"] = lambda: project_side(args, data, amp=True)
+    steps, peak = {}, {}
+    for name, make in sides.items():  # build and warm up each side alone, to read its own peak memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        steps[name] = make()
+        for _ in range(args.warmup):
+            steps[name]()
+        sync(device)
+        peak[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    seconds = dict.fromkeys(sides, 0.0)
+    for _ in range(args.rounds):  # interleaved: each round times every side once
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync(device)
+            seconds[name] += time.perf_counter() - t0
+    n = args.rounds * args.steps
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"device: {device.type} ({name}), torch {torch.__version__}; arch {args.arch}"
+          f"{'' if args.arch == 'fc' else f' width {args.width}'}, loss {args.loss}, batch {args.batch_size}, "
+          f"{n} steps per side in {args.rounds} interleaved rounds")
+    base = seconds["tutorial's loop"]
+    print(f"{'':22}{'ms/step':>10}{'images/s':>11}{'speed-up':>10}{'peak MB':>10}")
+    for name in sides:
+        ms = 1000 * seconds[name] / n
+        mem = f"{peak[name]:.0f}" if peak[name] is not None else "-"
+        print(f"{name:22}{ms:10.1f}{args.batch_size / ms * 1000:11.0f}{base / seconds[name]:9.2f}x{mem:>10}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""What a GAN learned, as numbers: Frechet distance in a Fashion-MNIST classifier's features, class coverage.
+
+    python evaluate.py runs/fc_bce/checkpoint.pt [more checkpoints ...]   # any checkpoint of either script
+    python evaluate.py --floor               # the same numbers for real images (the floor) and for noise
+    python evaluate.py --train-classifier    # retrain fmnist_classifier.pt (deterministic, ~5 min on a CPU)
+
+Inception-FID needs weights that cannot be downloaded offline and is a poor fit for 28x28 grayscale, so
+the features are the 128-d penultimate layer of a small CNN trained on the 60k Fashion-MNIST training
+images ("FID (FMNIST features)"). Its numbers compare with each other, not with published Inception-FIDs.
+Per checkpoint: FID against the 10k test images; the share of samples per predicted class; classes
+covered (a class counts when at least 1% of the samples fall in it; 10 is every class, fewer is mode
+collapse); KL(class histogram || uniform) (0 is perfectly balanced); and an Inception-Score-style
+sharpness exp(E_x KL(p(y|x) || p(y))), from 1 (blurry or all alike) to 10 (sharp and varied).
+"""
+import argparse
+import csv
+import hashlib
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gan_conv
+import gan_fc
+
+HERE = Path(__file__).resolve().parent
+CLASSIFIER = HERE / "fmnist_classifier.pt"
+CLASSIFIER_SHA256 = "to be filled by --train-classifier"
+CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
+COVERED = 0.01  # a class is covered when at least this share of the samples is predicted as it
+
+
+class Classifier(nn.Module):
+    """A small CNN (~0.47M parameters). features() is the 128-d space the Frechet distance is taken in."""
+    def __init__(self):
+        super().__init__()
+
+        def block(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+        self.body = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2),  # 14x14
+                                  *block(32, 64), *block(64, 64), nn.MaxPool2d(2),  # 7x7
+                                  nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
+        self.num_features = 128  # tells torchmetrics the feature size
+
+    def features(self, images):
+        # uint8 (N, 1, 28, 28) in [0, 255] -> [-1, 1], as the GANs see their data
+        return self.body(images.float() / 127.5 - 1)
+
+    def forward(self, images):  # torchmetrics calls the extractor on uint8 images and wants features
+        return self.features(images)
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_classifier(path=CLASSIFIER, sha256=CLASSIFIER_SHA256):
+    """The committed classifier, refused unless its bytes are exactly the ones every user measures with."""
+    if not Path(path).exists():
+        sys.exit(f"error: {path} not found; train it with: python evaluate.py --train-classifier")
+    if file_sha256(path) != sha256:
+        sys.exit(f"error: {path} does not match its recorded SHA-256 (corrupted or replaced); restore it "
+                 f"with 'git checkout -- {Path(path).name}' or retrain with --train-classifier")
+    model = Classifier()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def train_classifier(data_root, path=CLASSIFIER, epochs=6, seed=0):
+    """Deterministic (seeded) training on the 60k training images only; reports test accuracy."""
+    torch.manual_seed(seed)
+    x, y = gan_fc.load_fashion_mnist(data_root, train=True)
+    x_test, y_test = gan_fc.load_fashion_mnist(data_root, train=False)
+    model = Classifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * (len(x) // 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(x))
+        for i in range(len(x) // 128):
+            idx = perm[i * 128:(i + 1) * 128]
+            batch = x[idx]
+            flip = torch.rand(len(batch)) < 0.5  # left-right flips: clothes stay clothes
+            batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(3), batch)
+            loss = F.cross_entropy(model.head(model.features(batch)), y[idx].long())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        acc = accuracy(model, x_test, y_test)
+        print(f"epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  test accuracy {acc:.2%}  "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    torch.save(model.state_dict(), path)
+    print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB), test accuracy {acc:.2%}\n"
+          f"set CLASSIFIER_SHA256 in evaluate.py to {file_sha256(path)}")
+    return acc
+
+
+@torch.no_grad()
+def predict(model, images, batch=1000):
+    """Features (N, 128) and class probabilities (N, 10) of uint8 images."""
+    model.eval()
+    feats = torch.cat([model.features(chunk) for chunk in images.split(batch)])
+    return feats, torch.cat([F.softmax(model.head(f), 1) for f in feats.split(batch)])
+
+
+def accuracy(model, images, labels):
+    return (predict(model, images)[1].argmax(1) == labels).float().mean().item()
+
+
+def frechet_distance(model, real, fake):
+    """FID in the classifier's feature space, by torchmetrics (matrix square root in float64, tested there)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    fid = FrechetInceptionDistance(feature=model, normalize=False, input_img_size=(1, 28, 28))
+    with torch.no_grad():
+        for chunk in real.split(1000):
+            fid.update(chunk, real=True)
+        for chunk in fake.split(1000):
+            fid.update(chunk, real=False)
+    return fid.compute().item()
+
+
+def class_metrics(probs):
+    """Class shares, classes covered, KL(shares || uniform), and the Inception-Score-style sharpness."""
+    shares = torch.bincount(probs.argmax(1), minlength=10).double() / len(probs)
+    nonzero = shares[shares > 0]
+    kl_uniform = (nonzero * (nonzero * 10).log()).sum().item()
+    p_y = probs.double().mean(0, keepdim=True)
+    sharpness = (probs.double() * (probs.double().clamp_min(1e-12).log() - p_y.log())).sum(1).mean().exp().item()
+    return {"classes_covered": int((shares >= COVERED).sum()), "kl_to_uniform": kl_uniform,
+            "sharpness": sharpness, "shares": shares.tolist()}
+
+
+def evaluate_images(model, images, test_images):
+    """Every metric for a set of uint8 images against the test set."""
+    metrics = {"fid": frechet_distance(model, test_images, images)}
+    metrics.update(class_metrics(predict(model, images)[1]))
+    return metrics
+
+
+def generate(checkpoint, n, seed, device):
+    """n uint8 samples from a checkpoint of gan_fc.py or gan_conv.py, G in eval mode, seeded noise."""
+    try:
+        script = torch.load(checkpoint, map_location="cpu", weights_only=True).get("script")
+    except Exception:
+        script = None
+    module = gan_conv if script == "gan_conv" else gan_fc
+    ckpt = module.load_checkpoint(checkpoint, module.SCRIPT)  # one clear line and exit if it is neither
+    G, _ = module.build_models(Namespace(**ckpt["args"]))
+    G.load_state_dict(ckpt["G"])
+    z = torch.randn(n, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(seed))
+    return module.sample(G.to(device), z.to(device)), ckpt
+
+
+def report(name, m):
+    shares = " ".join(f"{c} {s:.1%}" for c, s in zip(CLASSES, m["shares"]))
+    print(f"{name}\n  FID (FMNIST features) {m['fid']:.2f}   classes covered {m['classes_covered']}/10   "
+          f"KL to uniform {m['kl_to_uniform']:.3f}   sharpness {m['sharpness']:.2f}\n  classes: {shares}")
+
+
+def append_results(path, name, m, extra):
+    new = not Path(path).exists()
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["when", "what", "script", "loss", "epoch", "samples", "fid_fmnist", "classes_covered",
+                        "kl_to_uniform", "sharpness"] + [f"share_{c}" for c in CLASSES])
+        w.writerow([time.strftime("%Y-%m-%d %H:%M"), name, *extra, f"{m['fid']:.3f}", m["classes_covered"],
+                    f"{m['kl_to_uniform']:.4f}", f"{m['sharpness']:.3f}"] + [f"{s:.4f}" for s in m["shares"]])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("checkpoints", nargs="*", help="checkpoint.pt files of gan_fc.py or gan_conv.py")
+    p.add_argument("--samples", type=int, default=10000, help="samples per checkpoint (default: 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples' noise (default: 0)")
+    p.add_argument("--floor", action="store_true", help="score 10k real training images and uniform noise")
+    p.add_argument("--train-classifier", action="store_true", help="retrain fmnist_classifier.pt")
+    p.add_argument("--data-root", default="./data", help="(default: ./data)")
+    p.add_argument("--results", default="results.csv", help="file the rows are appended to (default: results.csv)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.error = lambda message: sys.exit(f"error: {message}")
+    args = p.parse_args(argv)
+    if args.samples < 2:
+        p.error("--samples must be at least 2")
+    if args.train_classifier:
+        train_classifier(args.data_root)
+        return
+    if not args.floor and not args.checkpoints:
+        p.error("name checkpoints to evaluate, or --floor, or --train-classifier")
+    device = gan_fc.pick_device(args.device)
+    model = load_classifier()
+    test_images = gan_fc.load_fashion_mnist(args.data_root, train=False)[0]
+    if args.floor:
+        train_images = gan_fc.load_fashion_mnist(args.data_root, train=True)[0]
+        g = torch.Generator().manual_seed(args.seed)
+        real = train_images[torch.randperm(len(train_images), generator=g)[:args.samples]]
+        noise = torch.randint(0, 256, real.shape, generator=g, dtype=torch.uint8)
+        for name, images in ((f"floor: {args.samples} real training images", real),
+                             (f"noise: {args.samples} uniform-noise images", noise)):
+            m = evaluate_images(model, images, test_images)
+            report(name, m)
+            append_results(args.results, name, m, ["", "", "", args.samples])
+    for path in args.checkpoints:
+        images, ckpt = generate(path, args.samples, args.seed, device)
+        m = evaluate_images(model, images, test_images)
+        report(f"{path} ({ckpt['script']}, {ckpt['args']['loss']}, epoch {ckpt['epoch']})", m)
+        append_results(args.results, path, m, [ckpt["script"], ckpt["args"]["loss"], ckpt["epoch"], args.samples])
+    print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
