@@ -507,3 +507,82 @@ def test_real_data_loads_and_trains_a_few_batches(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     row = ckpt["history"][0]
     assert ckpt["step"] == 10 and math.isfinite(row["d_loss"]) and math.isfinite(row["g_loss"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluate.py: FID in Fashion-MNIST features, class coverage, the floor
+# ----------------------------------------------------------------------------------------------------
+def test_class_metrics_by_hand():
+    import evaluate
+    one_hot = torch.eye(10)[torch.tensor([0, 0, 0, 1])]  # 3/4 class 0, 1/4 class 1, perfectly sure
+    m = evaluate.class_metrics(one_hot)
+    assert m["shares"][:2] == [0.75, 0.25] and sum(m["shares"]) == 1
+    assert m["classes_covered"] == 2
+    assert m["kl_to_uniform"] == pytest.approx(0.75 * math.log(7.5) + 0.25 * math.log(2.5))
+    # sharpness = exp(E_x KL(p(y|x) || p(y))) = exp(0.75 log(1/0.75) + 0.25 log(1/0.25)) for one-hot p(y|x)
+    assert m["sharpness"] == pytest.approx(math.exp(0.75 * math.log(1 / 0.75) + 0.25 * math.log(4)))
+    m = evaluate.class_metrics(torch.full((20, 10), 0.1))  # unsure about everything: sharpness 1
+    assert m["sharpness"] == pytest.approx(1.0)
+
+
+def test_corrupted_classifier_weights_are_refused(tmp_path):
+    import evaluate
+    evaluate.load_classifier()  # the committed file matches its hash
+    bad = tmp_path / "fmnist_classifier.pt"
+    data = bytearray(evaluate.CLASSIFIER.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as e:
+        evaluate.load_classifier(bad)
+    assert "SHA-256" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_about_zero():
+    import evaluate
+    model = evaluate.load_classifier()
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(600, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+    assert abs(evaluate.frechet_distance(model, images, images)) < 1e-2
+    shifted = (images.int() // 2).to(torch.uint8)
+    assert evaluate.frechet_distance(model, images, shifted) > 1
+
+
+@pytest.fixture(scope="module")
+def real_sets():
+    images, labels = gan_fc.load_fashion_mnist(HERE / "data", train=False)
+    train = gan_fc.load_fashion_mnist(HERE / "data", train=True)[0]
+    return images, labels, train
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not on this machine")
+def test_classifier_accuracy_real_images_near_floor_and_noise_far(real_sets):
+    import evaluate
+    test_images, test_labels, train = real_sets
+    model = evaluate.load_classifier()
+    assert evaluate.accuracy(model, test_images, test_labels) >= 0.92
+    test_images = test_images[:3000]
+    real = evaluate.evaluate_images(model, train[:3000], test_images)
+    noise = evaluate.evaluate_images(model, torch.randint(0, 256, (3000, 1, 28, 28), dtype=torch.uint8),
+                                     test_images)
+    assert real["classes_covered"] == 10 and real["kl_to_uniform"] < 0.01 and real["sharpness"] > 7
+    assert real["fid"] * 20 < noise["fid"]
+    assert noise["classes_covered"] < 10 or noise["kl_to_uniform"] > 0.5
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not on this machine")
+def test_generator_of_one_image_covers_one_class(real_sets, tmp_path, fake_data):
+    import evaluate
+    test_images, test_labels, _ = real_sets
+    # A gan_fc checkpoint whose G ignores z and always draws test image 0 (a boot): last layer bias only.
+    gan_fc.main(tiny("gan_fc", fake_data, tmp_path, "--epochs", "1"))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    target = test_images[0].float().flatten() / 127.5 - 1
+    ckpt["G"]["net.6.weight"].zero_()
+    ckpt["G"]["net.6.bias"].copy_(torch.atanh(target.clamp(-0.999, 0.999)))
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    images, _ = evaluate.generate(tmp_path / "checkpoint.pt", 500, 0, torch.device("cpu"))
+    assert (images.int() - test_images[0].int()).abs().max() <= 1
+    m = evaluate.evaluate_images(evaluate.load_classifier(), images, test_images[:2000])
+    assert m["classes_covered"] == 1 and m["shares"][int(test_labels[0])] == 1.0
+    assert m["kl_to_uniform"] == pytest.approx(math.log(10))
+    assert m["fid"] > 50

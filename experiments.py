@@ -1,0 +1,113 @@
+"""The tutorial's experiment table, measured: 3 architectures x 4 losses, trained, evaluated, drawn.
+
+    python experiments.py                                 # on a GPU: the tutorial's width 128, 50 epochs
+    python experiments.py --conv-width 32 --conv-epochs 5   # what fits on a 2-core CPU (the README's table)
+
+Trains every (architecture, loss) cell with the scripts' defaults into runs/table/ (a finished cell is
+skipped, a partial one resumed), scores each final checkpoint with evaluate.py, and writes
+runs/table/table.md (the README's table), samples.png (the fixed-noise grid of every cell) and
+losses.png (every cell's loss curves).
+"""
+import argparse
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ARCHS = {"FC G / FC D (a)": ("gan_fc.py",), "conv G / FC D (b)": ("gan_conv.py", "--disc", "fc"),
+         "conv G / conv D (c)": ("gan_conv.py",)}
+LOSSES = ("bce", "lsgan", "wgan", "wgan-gp")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fc-epochs", type=int, default=50)
+    p.add_argument("--conv-epochs", type=int, default=50)
+    p.add_argument("--conv-width", type=int, default=128)
+    p.add_argument("--out", default="runs/table")
+    p.add_argument("--only", nargs="*", help="run only these cells, e.g. fc_wgan conv_bce convG-fcD_lsgan")
+    p.add_argument("--skip-training", action="store_true", help="only evaluate and draw what is there")
+    args = p.parse_args()
+    out = Path(args.out)
+    cells = {}
+    for arch, cmd in ARCHS.items():
+        for loss in LOSSES:
+            name = {"gan_fc.py": "fc"}.get(cmd[0], "conv" if len(cmd) == 1 else "convG-fcD") + f"_{loss}"
+            fc = cmd[0] == "gan_fc.py"
+            epochs = args.fc_epochs if fc else args.conv_epochs
+            flags = [] if fc else ["--width", str(args.conv_width)]
+            cells[(arch, loss)] = (name, out / name, epochs, [sys.executable, *cmd, "--loss", loss, *flags])
+    for (arch, loss), (name, folder, epochs, cmd) in cells.items():
+        if args.skip_training or (args.only and name not in args.only):
+            continue
+        ckpt = folder / "checkpoint.pt"
+        done = torch.load(ckpt, weights_only=True)["epoch"] if ckpt.exists() else 0
+        if done < epochs:
+            resume = ["--resume", str(ckpt)] if done else []
+            subprocess.run(cmd + ["--epochs", str(epochs), "--out", str(folder)] + resume, check=True)
+    present = {k: v for k, v in cells.items() if (v[1] / "checkpoint.pt").exists()}
+    results = out / "results.csv"
+    results.unlink(missing_ok=True)
+    subprocess.run([sys.executable, "evaluate.py", "--floor", "--results", str(results)]
+                   + [str(v[1] / "checkpoint.pt") for v in present.values()], check=True)
+    rows = {r["what"]: r for r in csv.DictReader(open(results))}
+    write_table(out, cells, rows, args)
+    draw(out, present)
+
+
+def write_table(out, cells, rows, args):
+    lines = ["| architecture | " + " | ".join(LOSSES) + " |", "|---" * (len(LOSSES) + 1) + "|"]
+    for arch in ARCHS:
+        cols = []
+        for loss in LOSSES:
+            name, folder, epochs, _ = cells[(arch, loss)]
+            r = rows.get(str(folder / "checkpoint.pt"))
+            if r is None:
+                cols.append("not run")
+                continue
+            ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
+            secs = sum(h["seconds"] for h in ckpt["history"]) / len(ckpt["history"])
+            width = "" if "fc_" == name[:3] else f", w{ckpt['args']['width']}"
+            cols.append(f"**{float(r['fid_fmnist']):.1f}**, {r['classes_covered']}/10 "
+                        f"({r['epoch']} ep{width}, {secs:.0f} s/ep)")
+        lines.append(f"| {arch} | " + " | ".join(cols) + " |")
+    for r in rows.values():
+        if r["what"].startswith(("floor", "noise")):
+            lines.append(f"| {r['what']} | **{float(r['fid_fmnist']):.1f}**, {r['classes_covered']}/10 |||")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def draw(out, present):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    fig_s, ax_s = plt.subplots(len(ARCHS), len(LOSSES), figsize=(2.6 * len(LOSSES), 2.8 * len(ARCHS)))
+    fig_l, ax_l = plt.subplots(len(ARCHS), len(LOSSES), figsize=(3.2 * len(LOSSES), 2.4 * len(ARCHS)))
+    for i, arch in enumerate(ARCHS):
+        for j, loss in enumerate(LOSSES):
+            ax_s[i, j].axis("off")
+            ax_s[i, j].set_title(f"{arch}\n{loss}", fontsize=8)
+            ax_l[i, j].set_title(f"{arch}, {loss}", fontsize=8)
+            if (arch, loss) not in present:
+                continue
+            folder = present[(arch, loss)][1]
+            grids = sorted(folder.glob("samples_epoch*.png"))
+            ax_s[i, j].imshow(Image.open(grids[-1]).crop((0, 0, 122, 122)), cmap="gray")  # 4x4 of the 8x8
+            hist = torch.load(folder / "checkpoint.pt", weights_only=True)["history"]
+            ax_l[i, j].plot([h["epoch"] for h in hist], [h["d_loss"] for h in hist], label="D")
+            ax_l[i, j].plot([h["epoch"] for h in hist], [h["g_loss"] for h in hist], label="G")
+            ax_l[i, j].tick_params(labelsize=7)
+            ax_l[i, j].legend(fontsize=7)
+    fig_s.tight_layout()
+    fig_s.savefig(out / "samples.png", dpi=80)
+    fig_l.tight_layout()
+    fig_l.savefig(out / "losses.png", dpi=80)
+    print(f"wrote {out / 'table.md'}, {out / 'samples.png'} and {out / 'losses.png'}")
+
+
+if __name__ == "__main__":
+    main()
