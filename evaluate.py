@@ -45,14 +45,13 @@ class Classifier(nn.Module):
                                   *block(32, 64), *block(64, 64), nn.MaxPool2d(2),  # 7x7
                                   nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
-        self.num_features = 128  # tells torchmetrics the feature size
 
     def features(self, images):
         # uint8 (N, 1, 28, 28) in [0, 255] -> [-1, 1], as the GANs see their data
         return self.body(images.float() / 127.5 - 1)
 
-    def forward(self, images):  # torchmetrics calls the extractor on uint8 images and wants features
-        return self.features(images)
+    def forward(self, images):
+        return self.head(self.features(images))
 
 
 def file_sha256(path):
@@ -115,15 +114,20 @@ def accuracy(model, images, labels):
     return (predict(model, images)[1].argmax(1) == labels).float().mean().item()
 
 
-def frechet_distance(model, real, fake):
-    """FID in the classifier's feature space, by torchmetrics (matrix square root in float64, tested there)."""
+class Precomputed(nn.Module):
+    """A 'feature extractor' for torchmetrics that receives features already computed (once per image set)."""
+    num_features = 128
+
+    def forward(self, features):
+        return features
+
+
+def frechet_distance(real_features, fake_features):
+    """FID between two feature sets, by torchmetrics (means and covariances in float64, tested there)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
-    fid = FrechetInceptionDistance(feature=model, normalize=False, input_img_size=(1, 28, 28))
-    with torch.no_grad():
-        for chunk in real.split(1000):
-            fid.update(chunk, real=True)
-        for chunk in fake.split(1000):
-            fid.update(chunk, real=False)
+    fid = FrechetInceptionDistance(feature=Precomputed())
+    fid.update(real_features, real=True)
+    fid.update(fake_features, real=False)
     return fid.compute().item()
 
 
@@ -139,11 +143,10 @@ def class_metrics(probs):
             "sharpness": sharpness, "shares": shares.tolist()}
 
 
-def evaluate_images(model, images, test_images):
-    """Every metric for a set of uint8 images against the test set."""
-    metrics = {"fid": frechet_distance(model, test_images, images)}
-    metrics.update(class_metrics(predict(model, images)[1]))
-    return metrics
+def evaluate_images(model, images, test_features):
+    """Every metric for a set of uint8 images, against the test set's features."""
+    features, probs = predict(model, images)
+    return {"fid": frechet_distance(test_features, features), **class_metrics(probs)}
 
 
 def generate(checkpoint, n, seed, device):
@@ -198,7 +201,7 @@ def main(argv=None):
         p.error("name checkpoints to evaluate, or --floor, or --train-classifier")
     device = gan_fc.pick_device(args.device)
     model = load_classifier()
-    test_images = gan_fc.load_fashion_mnist(args.data_root, train=False)[0]
+    test_features = predict(model, gan_fc.load_fashion_mnist(args.data_root, train=False)[0])[0]
     if args.floor:
         train_images = gan_fc.load_fashion_mnist(args.data_root, train=True)[0]
         g = torch.Generator().manual_seed(args.seed)
@@ -206,12 +209,12 @@ def main(argv=None):
         noise = torch.randint(0, 256, real.shape, generator=g, dtype=torch.uint8)
         for name, images in ((f"floor: {args.samples} real training images", real),
                              (f"noise: {args.samples} uniform-noise images", noise)):
-            m = evaluate_images(model, images, test_images)
+            m = evaluate_images(model, images, test_features)
             report(name, m)
             append_results(args.results, name, m, ["", "", "", args.samples])
     for path in args.checkpoints:
         images, ckpt = generate(path, args.samples, args.seed, device)
-        m = evaluate_images(model, images, test_images)
+        m = evaluate_images(model, images, test_features)
         report(f"{path} ({ckpt['script']}, {ckpt['args']['loss']}, epoch {ckpt['epoch']})", m)
         append_results(args.results, path, m, [ckpt["script"], ckpt["args"]["loss"], ckpt["epoch"], args.samples])
     print(f"appended to {args.results}")

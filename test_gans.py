@@ -542,9 +542,19 @@ def test_frechet_distance_of_a_set_with_itself_is_about_zero():
     model = evaluate.load_classifier()
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(600, 1, 28, 28, generator=g) * 255).to(torch.uint8)
-    assert abs(evaluate.frechet_distance(model, images, images)) < 1e-2
-    shifted = (images.int() // 2).to(torch.uint8)
-    assert evaluate.frechet_distance(model, images, shifted) > 1
+    features = evaluate.predict(model, images)[0]
+    assert abs(evaluate.frechet_distance(features, features)) < 1e-2
+    darker = evaluate.predict(model, (images.int() // 2).to(torch.uint8))[0]
+    assert evaluate.frechet_distance(features, darker) > 1
+    # Against the formula computed another way: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2),
+    # with symmetric square roots from eigh (torchmetrics takes eigenvalues of S1 S2 instead).
+    def sqrt_psd(m):
+        w, v = torch.linalg.eigh(m)
+        return v @ torch.diag(w.clamp_min(0).sqrt()) @ v.T
+    a, b = features.double(), darker.double()
+    s1, s2 = torch.cov(a.T), torch.cov(b.T)
+    ref = (a.mean(0) - b.mean(0)).square().sum() + torch.trace(s1 + s2 - 2 * sqrt_psd(sqrt_psd(s1) @ s2 @ sqrt_psd(s1)))
+    assert evaluate.frechet_distance(features, darker) == pytest.approx(ref.item(), rel=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -560,10 +570,10 @@ def test_classifier_accuracy_real_images_near_floor_and_noise_far(real_sets):
     test_images, test_labels, train = real_sets
     model = evaluate.load_classifier()
     assert evaluate.accuracy(model, test_images, test_labels) >= 0.92
-    test_images = test_images[:3000]
-    real = evaluate.evaluate_images(model, train[:3000], test_images)
+    test_features = evaluate.predict(model, test_images[:3000])[0]
+    real = evaluate.evaluate_images(model, train[:3000], test_features)
     noise = evaluate.evaluate_images(model, torch.randint(0, 256, (3000, 1, 28, 28), dtype=torch.uint8),
-                                     test_images)
+                                     test_features)
     assert real["classes_covered"] == 10 and real["kl_to_uniform"] < 0.01 and real["sharpness"] > 7
     assert real["fid"] * 20 < noise["fid"]
     assert noise["classes_covered"] < 10 or noise["kl_to_uniform"] > 0.5
@@ -582,7 +592,8 @@ def test_generator_of_one_image_covers_one_class(real_sets, tmp_path, fake_data)
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     images, _ = evaluate.generate(tmp_path / "checkpoint.pt", 500, 0, torch.device("cpu"))
     assert (images.int() - test_images[0].int()).abs().max() <= 1
-    m = evaluate.evaluate_images(evaluate.load_classifier(), images, test_images[:2000])
+    model = evaluate.load_classifier()
+    m = evaluate.evaluate_images(model, images, evaluate.predict(model, test_images[:2000])[0])
     assert m["classes_covered"] == 1 and m["shares"][int(test_labels[0])] == 1.0
     assert m["kl_to_uniform"] == pytest.approx(math.log(10))
     assert m["fid"] > 50
