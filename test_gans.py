@@ -443,30 +443,48 @@ def test_per_loss_defaults_follow_the_papers(script):
 # ----------------------------------------------------------------------------------------------------
 # Bad input: one clear line, non-zero exit, no traceback
 # ----------------------------------------------------------------------------------------------------
-def assert_one_line_error(result, *words):
-    assert result.returncode != 0
+def exits_with_one_line(main, argv, *words):
+    """main(argv) must stop with SystemExit carrying one line that names `words`: Python prints exactly
+    that line to stderr and exits with status 1, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    message = str(e.value.code)
+    assert e.value.code not in (0, None) and "\n" not in message, message
+    assert all(w in message for w in words), message
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_on_the_command_line_prints_one_line(script):
+    result = run_script(script, "--loss", "hinge")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert all(w in lines[0] for w in words), lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: argument --loss: invalid choice: 'hinge'"), lines
+    assert all(name in lines[0] for name in LOSSES)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_flags_exit_with_one_line(script):
-    assert_one_line_error(run_script(script, "--loss", "hinge"), "hinge", "wgan-gp")
-    assert_one_line_error(run_script(script, "--epochs", "-1"), "--epochs")
-    assert_one_line_error(run_script(script, "--generate", "5"), "--resume")
+    main = SCRIPTS[script].main
+    exits_with_one_line(main, ["--loss", "hinge"], "hinge", "wgan-gp")
+    exits_with_one_line(main, ["--epochs", "-1"], "--epochs")
+    exits_with_one_line(main, ["--epochs", "0"], "--epochs")
+    exits_with_one_line(main, ["--batch-size", "two"], "--batch-size")
+    exits_with_one_line(main, ["--generate", "5"], "--resume")
+    exits_with_one_line(main, ["--loss", "wgan", "--betas", "0.5", "0.9"], "RMSprop")
 
 
 def test_bad_checkpoints_exit_with_one_line(fake_data, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
-    assert_one_line_error(run_script("gan_fc", "--resume", bad), str(bad))
+    exits_with_one_line(gan_fc.main, ["--resume", bad], str(bad))
     truncated = tmp_path / "truncated.pt"
     gan_conv.main(tiny("gan_conv", fake_data, tmp_path / "conv", "--epochs", "1"))
     truncated.write_bytes((tmp_path / "conv" / "checkpoint.pt").read_bytes()[:5000])
-    assert_one_line_error(run_script("gan_conv", "--resume", truncated), str(truncated))
-    assert_one_line_error(run_script("gan_fc", "--resume", tmp_path / "conv" / "checkpoint.pt"), "gan_fc.py")
-    assert_one_line_error(run_script("gan_fc", "--resume", tmp_path / "missing.pt"), "missing.pt")
+    exits_with_one_line(gan_conv.main, ["--resume", truncated], str(truncated))
+    exits_with_one_line(gan_fc.main, ["--resume", tmp_path / "conv" / "checkpoint.pt"], "gan_fc.py")
+    exits_with_one_line(gan_fc.main, ["--resume", tmp_path / "missing.pt"], "missing.pt")
+    exits_with_one_line(gan_conv.main, ["--resume", tmp_path / "conv" / "checkpoint.pt", "--epochs", "1"],
+                        "already trained 1 epochs")
 
 
 def test_missing_data_offline_names_both_remedies(tmp_path, monkeypatch):
@@ -597,3 +615,18 @@ def test_generator_of_one_image_covers_one_class(real_sets, tmp_path, fake_data)
     assert m["classes_covered"] == 1 and m["shares"][int(test_labels[0])] == 1.0
     assert m["kl_to_uniform"] == pytest.approx(math.log(10))
     assert m["fid"] > 50
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py: both sides train, and the table has every row (speed itself is never asserted)
+# ----------------------------------------------------------------------------------------------------
+def test_bench_prints_every_side(capsys, fake_data):
+    import bench
+    bench.main(["--device", "cpu", "--steps", "2", "--rounds", "1", "--warmup", "1", "--batch-size", "16",
+                "--data-root", str(fake_data)])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:22].strip(): line[22:].split() for line in lines[2:]}
+    assert set(rows) == {"tutorial's loop", "this project", "this project --amp"}
+    assert rows["tutorial's loop"][2] == "1.00x"
+    for ms, img_s, ratio, mem in rows.values():
+        assert float(ms) > 0 and float(img_s) > 0 and ratio.endswith("x") and mem == "-"
