@@ -3,6 +3,7 @@
     python bench.py --device cpu                          # gan_fc.py, BCE: tutorial vs fp32 vs --amp
     python bench.py --device cuda --arch conv             # gan_conv.py, experiment (c)
     python bench.py --device cuda --arch convG-fcD        # gan_conv.py --disc fc, experiment (b)
+    python bench.py --tutorial-epochs 10 --out runs/tutorial_fc   # train the tutorial's loop itself, to compare
 
 Both sides train the same architecture. The tutorial's side is its loop as printed (section 2.2): a
 DataLoader with per-image ToTensor + Normalize, D ending in Sigmoid + BCELoss, noise made on the CPU and
@@ -38,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per side first (default: 10)")
     p.add_argument("--data-root", default="./data")
     p.add_argument("--no-amp", action="store_true", help="skip the --amp row")
+    p.add_argument("--tutorial-epochs", type=int, help="instead of timing: train the tutorial's loop for N epochs "
+                   "and write its samples and a checkpoint that evaluate.py reads into --out")
+    p.add_argument("--out", default="runs/tutorial_fc", help="(default: runs/tutorial_fc)")
     args = p.parse_args(argv)
     args.device = gan_fc.pick_device(args.device)
     return args
@@ -104,6 +108,7 @@ def tutorial_side(args, data):
         optimizer_G.zero_grad()
         g_loss.backward()
         optimizer_G.step()
+    step.generator, step.args, step.batches_per_epoch = generator, a, len(train_loader)
     return step
 
 
@@ -133,6 +138,28 @@ def project_side(args, data, amp):
     return step
 
 
+def train_tutorial(args, data):
+    """The tutorial's loop for --tutorial-epochs epochs; grids from the scripts' fixed noise, so they compare."""
+    from pathlib import Path
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    module, _ = script_args(args, amp=False)
+    step = tutorial_side(args, data)
+    fixed_z = torch.randn(64, step.args.latent_dim, generator=torch.Generator().manual_seed(0)).to(args.device)
+    history = []
+    for epoch in range(1, args.tutorial_epochs + 1):
+        t0 = time.perf_counter()
+        for _ in range(step.batches_per_epoch):
+            step()
+        sync(args.device)
+        history.append({"epoch": epoch, "seconds": round(time.perf_counter() - t0, 2)})
+        print(f"tutorial's loop: epoch {epoch}/{args.tutorial_epochs}  {history[-1]['seconds']:.1f} s", flush=True)
+        module.save_grid(module.sample(step.generator, fixed_z), out / f"samples_epoch{epoch:03d}.png")
+    module.save_checkpoint(out / "checkpoint.pt", script=module.SCRIPT, epoch=args.tutorial_epochs,
+                           args=vars(step.args), G=step.generator.state_dict(), history=history)
+    print(f"wrote {out}/checkpoint.pt: python evaluate.py {out}/checkpoint.pt")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -144,6 +171,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device
     data = images(args)
+    if args.tutorial_epochs:
+        return train_tutorial(args, data)
     sides = {"tutorial's loop": lambda: tutorial_side(args, data),
              "this project": lambda: project_side(args, data, amp=False)}
     if not args.no_amp:
