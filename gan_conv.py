@@ -117,10 +117,9 @@ class Discriminator(nn.Module):
         w = width
 
         def norm_layer(c):
-            # BatchNorm mixes a batch's samples, but the gradient penalty is per sample, so a GP critic
-            # must not use it (WGAN-GP, arXiv 1704.00028, section 4). Its replacement is the one the paper
-            # recommends, layer norm: GroupNorm(1, c) normalises each sample over (c, h, w), with a
-            # per-channel scale and shift, so the parameter count stays the tutorial's.
+            # BatchNorm mixes a batch's samples but the gradient penalty is per sample (WGAN-GP, arXiv
+            # 1704.00028, section 4), so a GP critic uses the paper's choice, layer norm: GroupNorm(1, c)
+            # normalises each sample over (c, h, w), with BatchNorm's per-channel scale and shift.
             return nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(1, c)
         self.net = nn.Sequential(
             nn.Conv2d(1, w, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),  # 14x14
