@@ -85,9 +85,10 @@ def draw(out, present):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
-    fig_s, ax_s = plt.subplots(len(ARCHS), len(LOSSES), figsize=(2.6 * len(LOSSES), 2.8 * len(ARCHS)))
-    fig_l, ax_l = plt.subplots(len(ARCHS), len(LOSSES), figsize=(3.2 * len(LOSSES), 2.4 * len(ARCHS)))
-    for i, arch in enumerate(ARCHS):
+    archs = [a for a in ARCHS if any((a, loss) in present for loss in LOSSES)]  # rows that ran
+    fig_s, ax_s = plt.subplots(len(archs), len(LOSSES), figsize=(2.6 * len(LOSSES), 2.8 * len(archs)), squeeze=False)
+    fig_l, ax_l = plt.subplots(len(archs), len(LOSSES), figsize=(3.2 * len(LOSSES), 2.4 * len(archs)), squeeze=False)
+    for i, arch in enumerate(archs):
         for j, loss in enumerate(LOSSES):
             ax_s[i, j].axis("off")
             ax_s[i, j].set_title(f"{arch}\n{loss}", fontsize=8)
