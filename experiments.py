@@ -91,7 +91,7 @@ def draw(out, present):
     for i, arch in enumerate(archs):
         for j, loss in enumerate(LOSSES):
             ax_s[i, j].axis("off")
-            ax_s[i, j].set_title(f"{arch}\n{loss}", fontsize=8)
+            ax_s[i, j].set_title(f"{arch}: {loss}", fontsize=7)
             ax_l[i, j].set_title(f"{arch}, {loss}", fontsize=8)
             if (arch, loss) not in present:
                 continue
