@@ -70,12 +70,10 @@ def tutorial_side(args, data):
     import torchvision.transforms as transforms
     device = args.device
     module, a = script_args(args, amp=False)
+    a.loss = "bce"  # the tutorial's models whatever --loss says: Dropout(0.3) and BatchNorm in D
     torch.manual_seed(0)
     generator, discriminator = module.build_models(a)
-    a.loss = "bce"
     generator, discriminator = generator.to(device), nn.Sequential(discriminator, nn.Sigmoid()).to(device)
-    if args.arch == "fc":
-        discriminator[0].net[2].p = discriminator[0].net[5].p = 0.3  # the tutorial's D always has Dropout
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
 
     class Dataset(torch.utils.data.Dataset):  # what torchvision's FashionMNIST does per image
