@@ -152,11 +152,12 @@ def evaluate_images(model, images, test_features):
 def generate(checkpoint, n, seed, device):
     """n uint8 samples from a checkpoint of gan_fc.py or gan_conv.py, G in eval mode, seeded noise."""
     try:
-        script = torch.load(checkpoint, map_location="cpu", weights_only=True).get("script")
-    except Exception:
-        script = None
-    module = gan_conv if script == "gan_conv" else gan_fc
-    ckpt = module.load_checkpoint(checkpoint, module.SCRIPT)  # one clear line and exit if it is neither
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)  # read once; runs no code
+    except Exception as e:
+        sys.exit(f"error: cannot read checkpoint {checkpoint}: {type(e).__name__}: {str(e).split(chr(10))[0]}")
+    module = {"gan_fc": gan_fc, "gan_conv": gan_conv}.get(ckpt.get("script") if isinstance(ckpt, dict) else None)
+    if module is None:
+        sys.exit(f"error: {checkpoint} is not a checkpoint of gan_fc.py or gan_conv.py")
     G, _ = module.build_models(Namespace(**ckpt["args"]))
     G.load_state_dict(ckpt["G"])
     z = torch.randn(n, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(seed))
