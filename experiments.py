@@ -98,9 +98,10 @@ def draw(out, present):
             folder = present[(arch, loss)][1]
             grids = sorted(folder.glob("samples_epoch*.png"))
             ax_s[i, j].imshow(Image.open(grids[-1]).crop((0, 0, 122, 122)), cmap="gray")  # 4x4 of the 8x8
-            hist = torch.load(folder / "checkpoint.pt", weights_only=True)["history"]
-            ax_l[i, j].plot([h["epoch"] for h in hist], [h["d_loss"] for h in hist], label="D")
-            ax_l[i, j].plot([h["epoch"] for h in hist], [h["g_loss"] for h in hist], label="G")
+            hist = list(csv.DictReader(open(folder / "metrics.csv")))  # small, unlike the checkpoint
+            epochs = [int(h["epoch"]) for h in hist]
+            ax_l[i, j].plot(epochs, [float(h["d_loss"]) for h in hist], label="D")
+            ax_l[i, j].plot(epochs, [float(h["g_loss"]) for h in hist], label="G")
             ax_l[i, j].tick_params(labelsize=7)
             ax_l[i, j].legend(fontsize=7)
     fig_s.tight_layout()
