@@ -156,8 +156,7 @@ def build_models(args):
 
 
 def default_run_name(args):
-    arch = "conv" if args.disc == "conv" else "convG-fcD"
-    return f"{arch}_{args.loss}" if args.width == 128 else f"{arch}-w{args.width}_{args.loss}"
+    return ("conv" if args.disc == "conv" else "convG-fcD") + ("" if args.width == 128 else f"-w{args.width}") + f"_{args.loss}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,8 +277,9 @@ def save_checkpoint(path, **state):
 def load_checkpoint(path, script):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: runs no code
-    except Exception as e:
-        sys.exit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {str(e).split(chr(10))[0]}")
+    except Exception as e:  # missing, truncated, or not tensors-only (weights_only refuses pickled code)
+        what = "no such file" if isinstance(e, FileNotFoundError) else f"damaged, or not written by {script}.py"
+        sys.exit(f"error: cannot read checkpoint {path}: {what} ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         sys.exit(f"error: {path} is not a checkpoint of {script}.py")
     return ckpt

@@ -249,8 +249,9 @@ def save_checkpoint(path, **state):
 def load_checkpoint(path, script):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: runs no code
-    except Exception as e:
-        sys.exit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {str(e).split(chr(10))[0]}")
+    except Exception as e:  # missing, truncated, or not tensors-only (weights_only refuses pickled code)
+        what = "no such file" if isinstance(e, FileNotFoundError) else f"damaged, or not written by {script}.py"
+        sys.exit(f"error: cannot read checkpoint {path}: {what} ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         sys.exit(f"error: {path} is not a checkpoint of {script}.py")
     return ckpt
