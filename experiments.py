@@ -10,6 +10,9 @@ losses.png (every cell's loss curves).
 """
 import argparse
 import csv
+import os
+import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +71,8 @@ def write_table(out, cells, rows, args):
                 cols.append("not run")
                 continue
             ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
-            secs = sum(h["seconds"] for h in ckpt["history"]) / len(ckpt["history"])
+            # The median epoch: one slowed by another job on the machine does not move it.
+            secs = statistics.median(h["seconds"] for h in ckpt["history"])
             width = "" if "fc_" == name[:3] else f", w{ckpt['args']['width']}"
             cols.append(f"**{float(r['fid_fmnist']):.1f}**, {r['classes_covered']}/10 "
                         f"({r['epoch']} ep{width}, {secs:.0f} s/ep)")
@@ -76,8 +80,19 @@ def write_table(out, cells, rows, args):
     for r in rows.values():
         if r["what"].startswith(("floor", "noise")):
             lines.append(f"| {r['what']} | **{float(r['fid_fmnist']):.1f}**, {r['classes_covered']}/10 |||")
+    lines += ["", f"Trained and timed on {device_name()}; s/ep is the median seconds per epoch."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def device_name():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cores)"
 
 
 def draw(out, present):
