@@ -34,14 +34,7 @@ def main():
     p.add_argument("--skip-training", action="store_true", help="only evaluate and draw what is there")
     args = p.parse_args()
     out = Path(args.out)
-    cells = {}
-    for arch, cmd in ARCHS.items():
-        for loss in LOSSES:
-            name = {"gan_fc.py": "fc"}.get(cmd[0], "conv" if len(cmd) == 1 else "convG-fcD") + f"_{loss}"
-            fc = cmd[0] == "gan_fc.py"
-            epochs = args.fc_epochs if fc else args.conv_epochs
-            flags = [] if fc else ["--width", str(args.conv_width)]
-            cells[(arch, loss)] = (name, out / name, epochs, [sys.executable, *cmd, "--loss", loss, *flags])
+    cells = make_cells(out, args.fc_epochs, args.conv_epochs, args.conv_width)
     for (arch, loss), (name, folder, epochs, cmd) in cells.items():
         if args.skip_training or (args.only and name not in args.only):
             continue
@@ -56,11 +49,24 @@ def main():
     subprocess.run([sys.executable, "evaluate.py", "--floor", "--results", str(results)]
                    + [str(v[1] / "checkpoint.pt") for v in present.values()], check=True)
     rows = {r["what"]: r for r in csv.DictReader(open(results))}
-    write_table(out, cells, rows, args)
+    write_table(out, cells, rows)
     draw(out, present)
 
 
-def write_table(out, cells, rows, args):
+def make_cells(out, fc_epochs, conv_epochs, conv_width):
+    """{(architecture, loss): (name, folder, epochs, command)} for every cell of the table."""
+    cells = {}
+    for arch, cmd in ARCHS.items():
+        for loss in LOSSES:
+            name = {"gan_fc.py": "fc"}.get(cmd[0], "conv" if len(cmd) == 1 else "convG-fcD") + f"_{loss}"
+            fc = cmd[0] == "gan_fc.py"
+            flags = [] if fc else ["--width", str(conv_width)]
+            cells[(arch, loss)] = (name, out / name, fc_epochs if fc else conv_epochs,
+                                   [sys.executable, *cmd, "--loss", loss, *flags])
+    return cells
+
+
+def write_table(out, cells, rows):
     lines = ["| architecture | " + " | ".join(LOSSES) + " |", "|---" * (len(LOSSES) + 1) + "|"]
     for arch in ARCHS:
         cols = []

@@ -634,3 +634,30 @@ def test_bench_prints_every_side(capsys, fake_data):
     assert rows["tutorial's loop"][2] == "1.00x"
     for ms, img_s, ratio, mem in rows.values():
         assert float(ms) > 0 and float(img_s) > 0 and ratio.endswith("x") and mem == "-"
+
+
+# ----------------------------------------------------------------------------------------------------
+# experiments.py: the README's table
+# ----------------------------------------------------------------------------------------------------
+def test_experiments_table_fills_a_cell_from_its_run_and_marks_the_rest(fake_data, tmp_path):
+    import statistics
+    import experiments
+    out = tmp_path / "table"
+    cells = experiments.make_cells(out, 50, 5, 32)
+    assert len(cells) == 12 and cells[("conv G / FC D (b)", "wgan")][0] == "convG-fcD_wgan"
+    assert cells[("conv G / FC D (b)", "wgan")][3][-6:] == ["--disc", "fc", "--loss", "wgan", "--width", "32"]
+    name, folder, epochs, cmd = cells[("conv G / conv D (c)", "lsgan")]
+    assert (name, epochs) == ("conv_lsgan", 5) and cmd[-4:] == ["--loss", "lsgan", "--width", "32"]
+    _, folder, epochs, cmd = cells[("FC G / FC D (a)", "wgan")]
+    assert epochs == 50 and cmd[1].endswith("gan_fc.py") and "--width" not in cmd
+    gan_fc.main(tiny("gan_fc", fake_data, folder, "--loss", "wgan", "--epochs", "3"))
+    ckpt = folder / "checkpoint.pt"
+    seconds = statistics.median(h["seconds"] for h in torch.load(ckpt, weights_only=True)["history"])
+    rows = {str(ckpt): {"what": str(ckpt), "fid_fmnist": "123.456", "classes_covered": "9", "epoch": "3"},
+            "floor: real": {"what": "floor: real", "fid_fmnist": "1.14", "classes_covered": "10"}}
+    experiments.write_table(out, cells, rows)
+    table = (out / "table.md").read_text()
+    fc_row = next(line for line in table.splitlines() if line.startswith("| FC G / FC D (a)"))
+    assert fc_row.split(" | ")[3] == f"**123.5**, 9/10 (3 ep, {seconds:.0f} s/ep)"  # the wgan column
+    assert table.count("not run") == 11 and "| floor: real | **1.1**, 10/10 |" in table
+    assert "Trained and timed on" in table
