@@ -95,7 +95,7 @@ def device_name():
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"{model} ({os.cpu_count()} cores)"
