@@ -153,8 +153,9 @@ def generate(checkpoint, n, seed, device):
     """n uint8 samples from a checkpoint of gan_fc.py or gan_conv.py, G in eval mode, seeded noise."""
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)  # read once; runs no code
-    except Exception as e:
-        sys.exit(f"error: cannot read checkpoint {checkpoint}: {type(e).__name__}: {str(e).split(chr(10))[0]}")
+    except Exception as e:  # the same words as the scripts' load_checkpoint
+        what = "no such file" if isinstance(e, FileNotFoundError) else "damaged, or not written by gan_fc.py or gan_conv.py"
+        sys.exit(f"error: cannot read checkpoint {checkpoint}: {what} ({type(e).__name__})")
     module = {"gan_fc": gan_fc, "gan_conv": gan_conv}.get(ckpt.get("script") if isinstance(ckpt, dict) else None)
     if module is None:
         sys.exit(f"error: {checkpoint} is not a checkpoint of gan_fc.py or gan_conv.py")
