@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--tutorial-epochs", type=int, help="instead of timing: train the tutorial's loop for N epochs "
                    "and write its samples and a checkpoint that evaluate.py reads into --out")
     p.add_argument("--out", default="runs/tutorial_fc", help="(default: runs/tutorial_fc)")
+    p.add_argument("--seed", type=int, default=0, help="seed of both sides' weights and data order (default: 0)")
     args = p.parse_args(argv)
     args.device = gan_fc.pick_device(args.device)
     return args
@@ -70,8 +71,8 @@ def tutorial_side(args, data):
     import torchvision.transforms as transforms
     device = args.device
     module, a = script_args(args, amp=False)
-    a.loss = "bce"  # the tutorial's models whatever --loss says: Dropout(0.3) and BatchNorm in D
-    torch.manual_seed(0)
+    a.loss, a.seed = "bce", args.seed  # the tutorial's models whatever --loss says: Dropout(0.3), BatchNorm in D
+    torch.manual_seed(args.seed)
     generator, discriminator = module.build_models(a)
     generator, discriminator = generator.to(device), nn.Sequential(discriminator, nn.Sigmoid()).to(device)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
@@ -114,7 +115,7 @@ def project_side(args, data, amp):
     """The scripts' loop body: resident uint8 data, one G forward, d_step and g_step as imported."""
     device = args.device
     module, a = script_args(args, amp)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     G, D = (m.to(device) for m in module.build_models(a))
     opt_g, opt_d = module.make_optimizers(G, D, a, device)
     data = data.to(device)
@@ -143,7 +144,7 @@ def train_tutorial(args, data):
     out.mkdir(parents=True, exist_ok=True)
     module, _ = script_args(args, amp=False)
     step = tutorial_side(args, data)
-    fixed_z = torch.randn(64, step.args.latent_dim, generator=torch.Generator().manual_seed(0)).to(args.device)
+    fixed_z = torch.randn(64, step.args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     history = []
     for epoch in range(1, args.tutorial_epochs + 1):
         t0 = time.perf_counter()

@@ -2,11 +2,14 @@
 
     python experiments.py                                 # on a GPU: the tutorial's width 128, 50 epochs
     python experiments.py --conv-width 32 --conv-epochs 10  # what fits on a 2-core CPU (the README's table)
+    python experiments.py --seeds 0 1 2 --only fc_bce fc_lsgan  # three seeds a cell: median [min-max]
+    python experiments.py --seeds 0 1 2 --tutorial-epochs 10 --only tutorial_10ep fc_bce_10ep
 
-Trains every (architecture, loss) cell with the scripts' defaults into runs/table/ (a finished cell is
-skipped, a partial one resumed), scores each final checkpoint with evaluate.py, and writes
-runs/table/table.md (the README's table), samples.png (the fixed-noise grid of every cell) and
-losses.png (every cell's loss curves).
+Trains every (architecture, loss) cell with the scripts' defaults into runs/table/, once per seed (a
+finished run is skipped, a partial one resumed), scores each final checkpoint with evaluate.py (once:
+scores are kept in runs/table/results.csv), and writes runs/table/table.md (the README's table),
+samples.png (the fixed-noise grid of every cell, lowest seed) and losses.png (its loss curves).
+GAN training is noisy: Lucic et al. 2018 (arXiv 1711.10337) compare losses over seeds, so does this.
 """
 import argparse
 import csv
@@ -22,71 +25,117 @@ import torch
 ARCHS = {"FC G / FC D (a)": ("gan_fc.py",), "conv G / FC D (b)": ("gan_conv.py", "--disc", "fc"),
          "conv G / conv D (c)": ("gan_conv.py",)}
 LOSSES = ("bce", "lsgan", "wgan", "wgan-gp")
+COMPARISON = "the FC GAN with BCE, the same epochs"
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fc-epochs", type=int, default=50)
     p.add_argument("--conv-epochs", type=int, default=50)
     p.add_argument("--conv-width", type=int, default=128)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train every cell once per seed; the "
+                   "table shows the median FID and the [min-max] range (default: 0)")
+    p.add_argument("--tutorial-epochs", type=int, help="also the 10-epoch comparison: the tutorial's own loop "
+                   "(bench.py --tutorial-epochs N) beside gan_fc.py --epochs N, once per seed")
     p.add_argument("--out", default="runs/table")
     p.add_argument("--only", nargs="*", help="run only these cells, e.g. fc_wgan conv_bce convG-fcD_lsgan")
     p.add_argument("--skip-training", action="store_true", help="only evaluate and draw what is there")
-    args = p.parse_args()
+    p.error = lambda message: sys.exit(f"error: {message}")
+    args = p.parse_args(argv)
+    if min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
+        p.error(f"--seeds must be distinct and not negative, got {' '.join(map(str, args.seeds))}")
     out = Path(args.out)
-    cells = make_cells(out, args.fc_epochs, args.conv_epochs, args.conv_width)
-    for (arch, loss), (name, folder, epochs, cmd) in cells.items():
-        if args.skip_training or (args.only and name not in args.only):
-            continue
-        ckpt = folder / "checkpoint.pt"
-        done = torch.load(ckpt, weights_only=True)["epoch"] if ckpt.exists() else 0
-        if done < epochs:
-            resume = ["--resume", str(ckpt)] if done else []
-            subprocess.run(cmd + ["--epochs", str(epochs), "--out", str(folder)] + resume, check=True)
-    present = {k: v for k, v in cells.items() if (v[1] / "checkpoint.pt").exists()}
-    results = out / "results.csv"
-    results.unlink(missing_ok=True)
-    subprocess.run([sys.executable, "evaluate.py", "--floor", "--results", str(results)]
-                   + [str(v[1] / "checkpoint.pt") for v in present.values()], check=True)
-    rows = {r["what"]: r for r in csv.DictReader(open(results))}
+    cells = make_cells(out, args.fc_epochs, args.conv_epochs, args.conv_width, args.seeds, args.tutorial_epochs)
+    for seed in args.seeds:  # every cell at one seed before the next seed, so a stopped run leaves whole rows
+        for name, folders, epochs, cmd in cells.values():
+            if not (args.skip_training or (args.only and name not in args.only)):
+                train(folders[seed], epochs, cmd + ["--seed", str(seed)])
+    rows = evaluate(out, [f / "checkpoint.pt" for c in cells.values() for f in c[1].values()
+                          if (f / "checkpoint.pt").exists()])
     write_table(out, cells, rows)
-    draw(out, present)
+    draw(out, {k: first_seed(c[1]) for k, c in cells.items() if k[0] in ARCHS and first_seed(c[1])})
 
 
-def make_cells(out, fc_epochs, conv_epochs, conv_width):
-    """{(architecture, loss): (name, folder, epochs, command)} for every cell of the table."""
+def make_cells(out, fc_epochs, conv_epochs, conv_width, seeds=(0,), tutorial_epochs=None):
+    """{(row, column): (name, {seed: folder}, epochs, command)}: the table's 12 cells, and with tutorial_epochs
+    the comparison's two. Seed 0 trains into out/<name>/ (as before seeds existed), seed s into out/<name>_seed<s>/."""
     cells = {}
     for arch, cmd in ARCHS.items():
         for loss in LOSSES:
             name = {"gan_fc.py": "fc"}.get(cmd[0], "conv" if len(cmd) == 1 else "convG-fcD") + f"_{loss}"
             fc = cmd[0] == "gan_fc.py"
             flags = [] if fc else ["--width", str(conv_width)]
-            cells[(arch, loss)] = (name, out / name, fc_epochs if fc else conv_epochs,
-                                   [sys.executable, *cmd, "--loss", loss, *flags])
+            epochs = fc_epochs if fc else conv_epochs
+            cells[(arch, loss)] = (name, {}, epochs, [sys.executable, *cmd, "--loss", loss, *flags, "--epochs", str(epochs)])
+    if tutorial_epochs:
+        n = tutorial_epochs
+        cells[(COMPARISON, "tutorial")] = (f"tutorial_{n}ep", {}, n, [sys.executable, "bench.py", "--tutorial-epochs", str(n)])
+        cells[(COMPARISON, "gan_fc")] = (f"fc_bce_{n}ep", {}, n, [sys.executable, "gan_fc.py", "--epochs", str(n)])
+    for name, folders, _, _ in cells.values():
+        folders.update({s: out / (name if s == 0 else f"{name}_seed{s}") for s in seeds})
     return cells
+
+
+def first_seed(folders):
+    """The folder of the lowest seed that ran: the one the figures show."""
+    return next((folders[s] for s in sorted(folders) if (folders[s] / "checkpoint.pt").exists()), None)
+
+
+def train(folder, epochs, cmd):
+    """Train one run to `epochs`: skipped when done, resumed when partial."""
+    ckpt = folder / "checkpoint.pt"
+    done = torch.load(ckpt, weights_only=True)["epoch"] if ckpt.exists() else 0
+    if done < epochs:
+        resume = ["--resume", str(ckpt)] if done else []
+        subprocess.run(cmd + ["--out", str(folder)] + resume, check=True)
+
+
+def evaluate(out, checkpoints):
+    """evaluate.py's rows {what: row} for every checkpoint; only checkpoints without a row at their epoch are scored."""
+    results = out / "results.csv"
+    rows = read_results(results)
+    stale = [str(c) for c in checkpoints
+             if rows.get(str(c), {}).get("epoch") != str(torch.load(c, weights_only=True)["epoch"])]
+    floor = [] if any(w.startswith("floor") for w in rows) else ["--floor"]
+    if stale or floor:
+        subprocess.run([sys.executable, "evaluate.py", *floor, "--results", str(results), *stale], check=True)
+    return read_results(results)
+
+
+def read_results(path):
+    return {r["what"]: r for r in csv.DictReader(open(path))} if path.exists() else {}  # a later row wins
+
+
+def cell_text(folders, rows, width=False):
+    """'**median** [min-max], fewest classes covered/10 (epochs, width, s/ep, seeds)' from every seed that ran."""
+    runs = [(f, rows[str(f / "checkpoint.pt")]) for f in folders.values() if str(f / "checkpoint.pt") in rows]
+    if not runs:
+        return "not run"
+    fids = [float(r["fid_fmnist"]) for _, r in runs]
+    ckpts = [torch.load(f / "checkpoint.pt", weights_only=True) for f, _ in runs]
+    secs = statistics.median(h["seconds"] for c in ckpts for h in c["history"])  # a slowed epoch does not move it
+    epochs = sorted({int(r["epoch"]) for _, r in runs})
+    spread = f" [{min(fids):.1f}-{max(fids):.1f}]" if len(runs) > 1 else ""
+    width = f", w{ckpts[0]['args']['width']}" if width else ""
+    return (f"**{statistics.median(fids):.1f}**{spread}, {min(int(r['classes_covered']) for _, r in runs)}/10 "
+            f"({'-'.join(map(str, epochs))} ep{width}, {secs:.0f} s/ep, {len(runs)} seed{'s' * (len(runs) > 1)})")
 
 
 def write_table(out, cells, rows):
     lines = ["| architecture | " + " | ".join(LOSSES) + " |", "|---" * (len(LOSSES) + 1) + "|"]
     for arch in ARCHS:
-        cols = []
-        for loss in LOSSES:
-            name, folder, epochs, _ = cells[(arch, loss)]
-            r = rows.get(str(folder / "checkpoint.pt"))
-            if r is None:
-                cols.append("not run")
-                continue
-            ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
-            # The median epoch: one slowed by another job on the machine does not move it.
-            secs = statistics.median(h["seconds"] for h in ckpt["history"])
-            width = "" if "fc_" == name[:3] else f", w{ckpt['args']['width']}"
-            cols.append(f"**{float(r['fid_fmnist']):.1f}**, {r['classes_covered']}/10 "
-                        f"({r['epoch']} ep{width}, {secs:.0f} s/ep)")
+        cols = [cell_text(cells[(arch, loss)][1], rows, width=arch != "FC G / FC D (a)") for loss in LOSSES]
         lines.append(f"| {arch} | " + " | ".join(cols) + " |")
     for r in rows.values():
         if r["what"].startswith(("floor", "noise")):
             lines.append(f"| {r['what']} | **{float(r['fid_fmnist']):.1f}**, {r['classes_covered']}/10 |||")
-    lines += ["", f"Trained and timed on {device_name()}; s/ep is the median seconds per epoch."]
+    lines += ["", f"Trained and timed on {device_name()}. Each cell: the median FID over its seeds, [the range], "
+              "the fewest classes any seed covered, then epochs, conv width, median seconds per epoch, seeds."]
+    comparison = [(k[1], c) for k, c in cells.items() if k[0] == COMPARISON]
+    if comparison:
+        lines += ["", f"| {COMPARISON} | FID, classes |", "|---|---|"]
+        for what, (name, folders, epochs, cmd) in comparison:
+            lines.append(f"| `python {' '.join(cmd[1:])}` | {cell_text(folders, rows)} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -102,10 +151,13 @@ def device_name():
 
 
 def draw(out, present):
+    """present: {(architecture, loss): the folder to draw} for the cells that ran."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
+    if not present:
+        return
     archs = [a for a in ARCHS if any((a, loss) in present for loss in LOSSES)]  # rows that ran
     fig_s, ax_s = plt.subplots(len(archs), len(LOSSES), figsize=(2.6 * len(LOSSES), 2.8 * len(archs)), squeeze=False)
     fig_l, ax_l = plt.subplots(len(archs), len(LOSSES), figsize=(3.2 * len(LOSSES), 2.4 * len(archs)), squeeze=False)
@@ -116,7 +168,7 @@ def draw(out, present):
             ax_l[i, j].set_title(f"{arch}, {loss}", fontsize=8)
             if (arch, loss) not in present:
                 continue
-            folder = present[(arch, loss)][1]
+            folder = present[(arch, loss)]
             grids = sorted(folder.glob("samples_epoch*.png"))
             ax_s[i, j].imshow(Image.open(grids[-1]).crop((0, 0, 122, 122)), cmap="gray")  # 4x4 of the 8x8
             hist = list(csv.DictReader(open(folder / "metrics.csv")))  # small, unlike the checkpoint

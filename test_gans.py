@@ -645,19 +645,48 @@ def test_experiments_table_fills_a_cell_from_its_run_and_marks_the_rest(fake_dat
     out = tmp_path / "table"
     cells = experiments.make_cells(out, 50, 5, 32)
     assert len(cells) == 12 and cells[("conv G / FC D (b)", "wgan")][0] == "convG-fcD_wgan"
-    assert cells[("conv G / FC D (b)", "wgan")][3][-6:] == ["--disc", "fc", "--loss", "wgan", "--width", "32"]
-    name, folder, epochs, cmd = cells[("conv G / conv D (c)", "lsgan")]
-    assert (name, epochs) == ("conv_lsgan", 5) and cmd[-4:] == ["--loss", "lsgan", "--width", "32"]
-    _, folder, epochs, cmd = cells[("FC G / FC D (a)", "wgan")]
+    assert cells[("conv G / FC D (b)", "wgan")][3][-8:] == ["--disc", "fc", "--loss", "wgan", "--width", "32",
+                                                            "--epochs", "5"]
+    name, folders, epochs, cmd = cells[("conv G / conv D (c)", "lsgan")]
+    assert (name, epochs, folders) == ("conv_lsgan", 5, {0: out / "conv_lsgan"})
+    assert cmd[-6:] == ["--loss", "lsgan", "--width", "32", "--epochs", "5"]
+    _, folders, epochs, cmd = cells[("FC G / FC D (a)", "wgan")]
     assert epochs == 50 and cmd[1].endswith("gan_fc.py") and "--width" not in cmd
-    gan_fc.main(tiny("gan_fc", fake_data, folder, "--loss", "wgan", "--epochs", "3"))
-    ckpt = folder / "checkpoint.pt"
+    gan_fc.main(tiny("gan_fc", fake_data, folders[0], "--loss", "wgan", "--epochs", "3"))
+    ckpt = folders[0] / "checkpoint.pt"
     seconds = statistics.median(h["seconds"] for h in torch.load(ckpt, weights_only=True)["history"])
     rows = {str(ckpt): {"what": str(ckpt), "fid_fmnist": "123.456", "classes_covered": "9", "epoch": "3"},
             "floor: real": {"what": "floor: real", "fid_fmnist": "1.14", "classes_covered": "10"}}
     experiments.write_table(out, cells, rows)
     table = (out / "table.md").read_text()
     fc_row = next(line for line in table.splitlines() if line.startswith("| FC G / FC D (a)"))
-    assert fc_row.split(" | ")[3] == f"**123.5**, 9/10 (3 ep, {seconds:.0f} s/ep)"  # the wgan column
+    assert fc_row.split(" | ")[3] == f"**123.5**, 9/10 (3 ep, {seconds:.0f} s/ep, 1 seed)"  # the wgan column
     assert table.count("not run") == 11 and "| floor: real | **1.1**, 10/10 |" in table
     assert "Trained and timed on" in table
+
+
+def test_experiments_seeds_train_apart_and_a_cell_reads_median_and_range(fake_data, tmp_path):
+    import experiments
+    out = tmp_path / "table"
+    cells = experiments.make_cells(out, 2, 2, 8, seeds=(0, 1, 2), tutorial_epochs=2)
+    assert len(cells) == 14
+    name, folders, epochs, cmd = cells[("FC G / FC D (a)", "bce")]
+    assert folders == {0: out / "fc_bce", 1: out / "fc_bce_seed1", 2: out / "fc_bce_seed2"}
+    for seed, folder in folders.items():  # what experiments.main runs, in-process and tiny
+        gan_fc.main(tiny("gan_fc", fake_data, folder, "--epochs", "2", "--seed", str(seed)))
+    weights = [torch.load(f / "checkpoint.pt", weights_only=True)["G"]["net.0.weight"] for f in folders.values()]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    fids, classes = ("150.0", "100.0", "400.0"), ("10", "8", "9")
+    rows = {str(f / "checkpoint.pt"): {"what": str(f / "checkpoint.pt"), "fid_fmnist": fid, "classes_covered": c,
+                                       "epoch": "2"} for f, fid, c in zip(folders.values(), fids, classes)}
+    text = experiments.cell_text(folders, rows)
+    assert text.startswith("**150.0** [100.0-400.0], 8/10 (2 ep, ") and text.endswith(" s/ep, 3 seeds)")
+    del rows[str(folders[1] / "checkpoint.pt")]  # a seed not yet run: two seeds, median of two
+    assert experiments.cell_text(folders, rows).startswith("**275.0** [150.0-400.0], 9/10")
+    experiments.write_table(out, cells, rows)
+    table = (out / "table.md").read_text()
+    assert "2 seeds)" in table and table.count("not run") == 11 + 2  # the two comparison rows too
+    assert "`python bench.py --tutorial-epochs 2` | not run |" in table
+    assert experiments.first_seed(folders) == folders[0]
+    with pytest.raises(SystemExit, match="distinct"):
+        experiments.main(["--seeds", "0", "0", "--skip-training"])
