@@ -103,11 +103,15 @@ def train_classifier(data_root, path=CLASSIFIER, epochs=6, seed=0):
 
 
 @torch.no_grad()
-def predict(model, images, batch=1000):
-    """Features (N, 128) and class probabilities (N, 10) of uint8 images."""
-    model.eval()
-    feats = torch.cat([model.features(chunk) for chunk in images.split(batch)])
-    return feats, torch.cat([F.softmax(model.head(f), 1) for f in feats.split(batch)])
+def predict(model, images, batch=1000, device=None):
+    """Features (N, 128) and class probabilities (N, 10) of uint8 images, computed on `device` (default: the
+    CPU), returned on the CPU."""
+    device = device or torch.device("cpu")
+    model.eval().to(device)
+    feats = torch.cat([model.features(chunk.to(device)).cpu() for chunk in images.split(batch)])
+    probs = torch.cat([F.softmax(model.head(f.to(device)), 1).cpu() for f in feats.split(batch)])
+    model.cpu()
+    return feats, probs
 
 
 def accuracy(model, images, labels):
@@ -143,9 +147,9 @@ def class_metrics(probs):
             "sharpness": sharpness, "shares": shares.tolist()}
 
 
-def evaluate_images(model, images, test_features):
+def evaluate_images(model, images, test_features, device=None):
     """Every metric for a set of uint8 images, against the test set's features."""
-    features, probs = predict(model, images)
+    features, probs = predict(model, images, device=device)
     return {"fid": frechet_distance(test_features, features), **class_metrics(probs)}
 
 
@@ -203,7 +207,7 @@ def main(argv=None):
         p.error("name checkpoints to evaluate, or --floor, or --train-classifier")
     device = gan_fc.pick_device(args.device)
     model = load_classifier()
-    test_features = predict(model, gan_fc.load_fashion_mnist(args.data_root, train=False)[0])[0]
+    test_features = predict(model, gan_fc.load_fashion_mnist(args.data_root, train=False)[0], device=device)[0]
     if args.floor:
         train_images = gan_fc.load_fashion_mnist(args.data_root, train=True)[0]
         g = torch.Generator().manual_seed(args.seed)
@@ -211,12 +215,12 @@ def main(argv=None):
         noise = torch.randint(0, 256, real.shape, generator=g, dtype=torch.uint8)
         for name, images in ((f"floor: {args.samples} real training images", real),
                              (f"noise: {args.samples} uniform-noise images", noise)):
-            m = evaluate_images(model, images, test_features)
+            m = evaluate_images(model, images, test_features, device)
             report(name, m)
             append_results(args.results, name, m, ["", "", "", args.samples])
     for path in args.checkpoints:
         images, ckpt = generate(path, args.samples, args.seed, device)
-        m = evaluate_images(model, images, test_features)
+        m = evaluate_images(model, images, test_features, device)
         report(f"{path} ({ckpt['script']}, {ckpt['args']['loss']}, epoch {ckpt['epoch']})", m)
         append_results(args.results, path, m, [ckpt["script"], ckpt["args"]["loss"], ckpt["epoch"], args.samples])
     print(f"appended to {args.results}")

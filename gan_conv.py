@@ -3,18 +3,10 @@
     python gan_conv.py --loss wgan-gp --epochs 50     # --loss bce | lsgan | wgan | wgan-gp
     python gan_conv.py --disc fc                      # experiment (b): conv G, fully-connected D
 
-Reads top to bottom like the tutorial: arguments, models (section 2.2), data, one D step and one G step
-(section 2.1), the loop, main(). gan_fc.py repeats everything below the models word for word, so
-either file can be copied on its own; the only shared module is losses.py (section 4).
+Reads top to bottom like the tutorial: arguments, models (2.2), data, one D and one G step (2.1), the loop, main().
+Below the models, gan_fc.py is the same word for word; the only module they share is losses.py (section 4).
 """
-import argparse
-import csv
-import gzip
-import math
-import os
-import shutil
-import sys
-import time
+import argparse, gzip, math, os, signal, sys, time  # noqa: E401 (the standard library, on one line)
 from pathlib import Path
 
 import torch
@@ -27,40 +19,29 @@ from losses import LOSSES, clip_weights, discriminator_loss, generator_loss, gra
 SCRIPT = "gan_conv"
 
 
-# ----------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------
+# -- Arguments ---------------------------------------------------------------------------------------
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--loss", choices=LOSSES, default="bce", help="GAN loss, tutorial section 4 (default: bce)")
     p.add_argument("--epochs", type=int, default=50, help="passes of the critic over the training set (default: 50)")
     p.add_argument("--batch-size", type=int, help="(default per loss: 128, the tutorial's; wgan 64)")
     p.add_argument("--latent-dim", type=int, default=128, help="size of the noise vector z (default: 128)")
-    p.add_argument("--disc", choices=("conv", "fc"), default="conv",
-                   help="conv: experiment (c), DCGAN; fc: experiment (b), gan_fc.py's D (default: conv)")
-    p.add_argument("--width", type=int, default=128, help="conv channel width w: layers have "
-                   "w..8w channels (default: 128, the tutorial's; 32 trains ~10x faster on a CPU)")
-    p.add_argument("--lr", type=float, help="learning rate of G and D (default per loss: bce/lsgan "
-                   "2e-4 Adam, wgan 1e-4 RMSprop, wgan-gp 1e-4 Adam)")
-    p.add_argument("--betas", type=float, nargs=2, help="Adam betas (default per loss: (0.5, 0.999); "
-                   "wgan-gp (0.0, 0.9); wgan uses RMSprop, which has none)")
+    p.add_argument("--disc", choices=("conv", "fc"), default="conv", help="(c) conv, or (b) fc: gan_fc.py's D")
+    p.add_argument("--width", type=int, default=128, help="channels w..8w (default: 128; 32 is ~10x faster)")
+    p.add_argument("--lr", type=float, help="(default per loss: bce, lsgan 2e-4; wgan, wgan-gp 1e-4)")
+    p.add_argument("--betas", type=float, nargs=2, help="Adam's (default per loss: 0.5 0.999; wgan-gp 0.0 0.9)")
     p.add_argument("--n-critic", type=int, help="critic steps per G step (default per loss: 1; 5 for WGANs)")
     p.add_argument("--clip", type=float, help="wgan: clip critic weights to [-c, c] (default 0.01)")
     p.add_argument("--gp-weight", type=float, help="wgan-gp: gradient penalty weight lambda (default 10)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="auto: cuda, else mps, else cpu (default: auto)")
-    p.add_argument("--data-root", help="where torchvision's FashionMNIST/ folder is (default: ./data, or the "
-                   "--resume run's)")
-    p.add_argument("--train-images", type=int, default=60000, help="use only the first N training "
-                   "images, for quick checks (default: 60000)")
-    p.add_argument("--out", help="output folder (default runs/<architecture>_<loss>, or the folder "
-                   "of the --resume checkpoint)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, mps or cpu")
+    p.add_argument("--data-root", help="where the FashionMNIST/ folder is (default: ./data, or the --resume run's)")
+    p.add_argument("--train-images", type=int, default=60000, help="use only the first N, for quick checks")
+    p.add_argument("--out", help="output folder (default: the first free one of runs/<name>, runs/<name>-2, ...)")
     p.add_argument("--sample-every", type=int, default=5, help="epochs between sample grids (default: 5)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (faster on recent GPUs/CPUs)")
     p.add_argument("--resume", metavar="PATH", help="continue training from this checkpoint.pt")
-    p.add_argument("--generate", type=int, metavar="N", help="with --resume: train nothing, write N "
-                   "samples to generated.png and generated.pt")
+    p.add_argument("--generate", type=int, metavar="N", help="with --resume: write N samples and a latent walk")
     return p
 
 
@@ -69,21 +50,16 @@ def parse_args(argv=None):
     parser = build_parser()
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     args = parser.parse_args(argv)
-    # Per-loss defaults from each paper's own algorithm: BCE/LSGAN as the tutorial (DCGAN's Adam
-    # settings, arXiv 1511.06434); WGAN Algorithm 1 (arXiv 1701.07875); WGAN-GP Algorithm 1 (1704.00028).
-    # WGAN departs in one number, lr 1e-4 (Algorithm 1: 5e-5, batch m = 64): 50 epochs are ~9k G steps,
-    # the paper ran 100k+, and at 5e-5 the FC G was one blob after 10 epochs (README, "Every loss").
-    defaults = {"bce": (2e-4, (0.5, 0.999), 1, 128), "lsgan": (2e-4, (0.5, 0.999), 1, 128),
-                "wgan": (1e-4, None, 5, 64), "wgan-gp": (1e-4, (0.0, 0.9), 5, 128)}
-    lr, betas, n_critic, batch_size = defaults[args.loss]
+    # Per-loss defaults from each paper's own algorithm: BCE/LSGAN as the tutorial (DCGAN's Adam settings, arXiv
+    # 1511.06434); WGAN Algorithm 1 (arXiv 1701.07875), but lr 1e-4, not 5e-5: 50 epochs are ~9k G steps where the
+    # paper ran 100k+, and at 5e-5 the FC G was one blob after 10 epochs (README); WGAN-GP Algorithm 1 (1704.00028).
+    defaults = {"bce": (2e-4, (0.5, 0.999), 1, 128), "lsgan": (2e-4, (0.5, 0.999), 1, 128),  # lr, betas, n_critic,
+                "wgan": (1e-4, None, 5, 64), "wgan-gp": (1e-4, (0.0, 0.9), 5, 128)}  # batch size; then clip, gp weight
     if args.loss == "wgan" and args.betas is not None:
         parser.error("--betas is for Adam; --loss wgan trains with RMSprop (WGAN paper, section 3)")
-    args.lr = lr if args.lr is None else args.lr
-    args.betas = betas if args.betas is None else tuple(args.betas)
-    args.n_critic = n_critic if args.n_critic is None else args.n_critic
-    args.batch_size = batch_size if args.batch_size is None else args.batch_size
-    args.clip = 0.01 if args.clip is None else args.clip
-    args.gp_weight = 10.0 if args.gp_weight is None else args.gp_weight
+    for name, value in zip("lr betas n_critic batch_size clip gp_weight".split(), (*defaults[args.loss], 0.01, 10.0)):
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    args.betas = tuple(args.betas) if args.betas else None
     for name in ("epochs", "batch_size", "latent_dim", "n_critic", "sample_every", "train_images", "width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -94,9 +70,7 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------
-# Models (tutorial 2.2): G maps z to a 1x28x28 image in [-1, 1]; D maps an image to one raw score.
-# ----------------------------------------------------------------------------------------------------
+# -- Models (tutorial 2.2): G maps z to a 1x28x28 image in [-1, 1]; D maps an image to one raw score.
 class Generator(nn.Module):
     # DCGAN generator, no biases (BatchNorm follows). Real sizes 3/6/13/28; the tutorial's comments say 4/8/14/28.
     def __init__(self, latent_dim=128, width=128):
@@ -113,16 +87,11 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    # DCGAN discriminator, no final Sigmoid: D returns a logit, and losses.py applies the sigmoid inside
-    # the BCE where needed (stable, allowed under autocast); LSGAN and WGAN want the raw score (tutorial 4.3).
+    # DCGAN discriminator, no final Sigmoid: D returns a logit (losses.py applies the sigmoid inside the BCE). With
+    # norm="layer", GroupNorm(1, c): BatchNorm mixes the samples of a batch, but a gradient penalty is per sample.
     def __init__(self, width=128, norm="batch"):
         super().__init__()
-        w = width
-
-        def norm_layer(c):
-            # BatchNorm mixes a batch's samples but the gradient penalty is per sample (WGAN-GP, arXiv
-            # 1704.00028, section 4), so a GP critic uses that paper's layer norm: GroupNorm(1, c).
-            return nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(1, c)
+        w, norm_layer = width, nn.BatchNorm2d if norm == "batch" else lambda c: nn.GroupNorm(1, c)
         self.net = nn.Sequential(
             nn.Conv2d(1, w, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),  # 14x14
             nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), norm_layer(2 * w), nn.LeakyReLU(0.2),  # 7x7
@@ -133,73 +102,58 @@ class Discriminator(nn.Module):
         return self.net(x).view(-1, 1)
 
 
-class FCDiscriminator(nn.Module):
-    # Experiment (b): gan_fc.py's fully-connected D against the conv G (logit out, as above).
-    def __init__(self, dropout=0.3):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(28 * 28, 1024), nn.LeakyReLU(0.2), nn.Dropout(dropout),
-            nn.Linear(1024, 512), nn.LeakyReLU(0.2), nn.Dropout(dropout),
-            nn.Linear(512, 256), nn.LeakyReLU(0.2),
-            nn.Linear(256, 1))
-
-    def forward(self, x):
-        return self.net(x.flatten(1))
-
-
 def build_models(args):
     G = Generator(args.latent_dim, args.width)
-    if args.disc == "fc":
-        # A WGAN critic must be one fixed function (its Lipschitz bound is what clipping or GP controls).
-        return G, FCDiscriminator(0.0 if args.loss in ("wgan", "wgan-gp") else 0.3)
+    if args.disc == "fc":  # experiment (b): gan_fc.py's D, logit out; no Dropout in a WGAN critic, which must be one
+        p = 0.0 if args.loss in ("wgan", "wgan-gp") else 0.3  # fixed function (clipping or GP bounds its slope)
+        return G, nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 1024), nn.LeakyReLU(0.2), nn.Dropout(p),
+                                nn.Linear(1024, 512), nn.LeakyReLU(0.2), nn.Dropout(p), nn.Linear(512, 256),
+                                nn.LeakyReLU(0.2), nn.Linear(256, 1))
     return G, Discriminator(args.width, "layer" if args.loss == "wgan-gp" else "batch")
 
 
-def default_run_name(args):
-    return ("conv" if args.disc == "conv" else "convG-fcD") + ("" if args.width == 128 else f"-w{args.width}") + f"_{args.loss}"
+def default_run_name(args):  # conv_bce, convG-fcD_wgan, conv-w32_lsgan, ...
+    return {"conv": "conv", "fc": "convG-fcD"}[args.disc] + f"{'' if args.width == 128 else f'-w{args.width}'}_{args.loss}"
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data: the whole training set as one uint8 tensor on the device; no DataLoader, no per-image transforms.
-# ----------------------------------------------------------------------------------------------------
+# -- Data: the whole training set as one uint8 tensor on the device; no DataLoader, no per-image transforms.
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def load_fashion_mnist(root, train=True, debian_dir=DEBIAN_DIR):
     """Images (N, 1, 28, 28) uint8 and labels (N,): from root, else Debian's package, else a download."""
-    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.mnist import FashionMNIST, read_sn3_pascalvincent_tensor as read_idx
     raw = Path(root) / "FashionMNIST" / "raw"
-    names = [f"{s}-{k}-idx{d}-ubyte" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
-    if not all((raw / n).exists() for n in names) and all(Path(debian_dir, n + ".gz").exists() for n in names):
-        raw.mkdir(parents=True, exist_ok=True)  # torchvision reads the uncompressed files from raw/
-        for n in names:
-            with gzip.open(Path(debian_dir, n + ".gz")) as src, open(raw / (n + ".part"), "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(raw / (n + ".part"), raw / n)
     try:
-        ds = FashionMNIST(root, train=train, download=not all((raw / n).exists() for n in names))
-    except Exception as e:  # offline, or a damaged file
-        sys.exit(f"error: cannot load Fashion-MNIST from {raw} ({type(e).__name__}: {e}); offline, run "
+        for name in FILES:  # Debian's files are gzipped: unpack each once, whole or not at all
+            if not (raw / name).exists() and Path(debian_dir, name + ".gz").exists():
+                raw.mkdir(parents=True, exist_ok=True)
+                unpacked = gzip.decompress(Path(debian_dir, name + ".gz").read_bytes())
+                write_atomically(raw / name, lambda f: f.write(unpacked))
+        if not all((raw / name).exists() for name in FILES):
+            FashionMNIST(root, download=True)  # online: torchvision writes the four files into raw/
+    except Exception as e:  # offline, or a damaged package
+        sys.exit(f"error: cannot get Fashion-MNIST into {raw} ({type(e).__name__}: {e}); offline, run "
                  f"'sudo apt-get install dataset-fashion-mnist' or put the four *-ubyte files in {raw}/")
-    return ds.data.unsqueeze(1), ds.targets
+    try:  # torchvision's idx reader fails on a truncated file, or one that is not an idx file; path names which
+        images, labels = [read_idx(str(path := raw / name)) for name in (FILES[:2] if train else FILES[2:])]
+    except Exception:
+        sys.exit(f"error: {path} is damaged (truncated, or not an idx file); delete it and run again to unpack it "
+                 f"anew from Debian's package or download it")
+    return images.unsqueeze(1), labels.long()
 
 
-def to_unit_range(images):
-    # uint8 [0, 255] -> float [-1, 1]: the tutorial's ToTensor() + Normalize((0.5,), (0.5,)), per batch.
-    return images.float().div_(127.5).sub_(1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# One D step and one G step (tutorial 2.1)
-# ----------------------------------------------------------------------------------------------------
+# -- One D step and one G step (tutorial 2.1) --------------------------------------------------------
 def d_step(D, opt_d, real, fake, loss, gp_weight=10.0, clip=0.01, amp=False):
     """One update of D (the critic for WGANs). Returns (loss, mean(real) - mean(fake) scores)."""
     fake = fake.detach()  # D's step must not reach G: the fakes are constants here (tutorial 2.1)
     with torch.autocast(real.device.type, torch.bfloat16, enabled=amp):
         real_scores, fake_scores = D(real), D(fake)
         d_loss = discriminator_loss(loss, real_scores, fake_scores)
-    if loss == "wgan-gp":  # WGAN-GP, arXiv 1704.00028, Algorithm 1, line 7
-        d_loss = d_loss + gp_weight * gradient_penalty(D, real, fake)
+    if loss == "wgan-gp":  # WGAN-GP, arXiv 1704.00028, Algorithm 1, line 7; if D is compiled, through its plain
+        # module (same weights): torch.compile has no double backward (pytorch issue 91469)
+        d_loss = d_loss + gp_weight * gradient_penalty(getattr(D, "_orig_mod", D), real, fake)
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
@@ -224,57 +178,72 @@ def make_optimizers(G, D, args, device):
     if args.loss == "wgan":  # WGAN, section 3: momentum-based optimizers made the critic unstable
         return (torch.optim.RMSprop(G.parameters(), lr=args.lr), torch.optim.RMSprop(D.parameters(), lr=args.lr))
     fused = device.type in ("cuda", "cpu")  # one pass over all parameters, not one op per tensor
-    return (torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas, fused=fused),
-            torch.optim.Adam(D.parameters(), lr=args.lr, betas=args.betas, fused=fused))
+    return tuple(torch.optim.Adam(m.parameters(), lr=args.lr, betas=args.betas, fused=fused) for m in (G, D))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The loop's outputs: sample grids, metrics.csv, losses.png, checkpoint.pt
-# ----------------------------------------------------------------------------------------------------
+# -- What a run writes: sample grids, progress.gif, metrics.csv, losses.png, checkpoint.pt -------------
 @torch.no_grad()
 def sample(G, z, batch=1000):
     """G's images for noise z as uint8 (N, 1, 28, 28), G in eval mode (BatchNorm uses running stats)."""
-    was_training = G.training
     G.eval()
     x = torch.cat([G(chunk).float() for chunk in z.split(batch)])
-    G.train(was_training)
+    G.train()
     return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
-def save_grid(images, path):
-    save_image(images.float() / 255, path, nrow=math.ceil(math.sqrt(len(images))), padding=2)
+def slerp(z0, z1, t):
+    """z0 at t=0, z1 at t=1, along the great circle: Gaussian z lies near a sphere (White 2016, arXiv 1609.04468)."""
+    omega = torch.cosine_similarity(z0, z1, dim=-1).clamp(-1, 1).acos().unsqueeze(-1)  # the angle between them
+    return torch.sin((1 - t) * omega) / torch.sin(omega) * z0 + torch.sin(t * omega) / torch.sin(omega) * z1
+
+
+def latent_walk(latent_dim, seed, rows=8, steps=10):
+    """rows x steps noise vectors, row by row: each row walks from one random z to another (DCGAN paper, 6.1)."""
+    z0, z1 = torch.randn(2, rows, 1, latent_dim, generator=torch.Generator().manual_seed(seed))
+    return slerp(z0, z1, torch.linspace(0, 1, steps).view(1, steps, 1)).flatten(0, 1)
+
+
+def write_atomically(path, write):
+    """write(file) into path.tmp, then rename that to path: a crash or a full disk never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_grid(images, path, nrow=8):
+    write_atomically(path, lambda f: save_image(images.float() / 255, f, format="png", nrow=nrow, padding=2))
+
+
+def write_gif(out):
+    """progress.gif: the fixed-noise grids so far, in epoch order, each captioned with its epoch, looping."""
+    from PIL import Image, ImageDraw
+    frames = []
+    for path in sorted(out.glob("samples_epoch*.png"), key=lambda p: int(p.stem[13:])):
+        frames.append(frame := Image.new("L", (242, 258)))  # the 8x8 grid, under a black strip for the caption
+        frame.paste(Image.open(path).convert("L"), (0, 16))  # grey, so the GIF gets a grey palette and stays small
+        ImageDraw.Draw(frame).text((4, 3), f"epoch {int(path.stem[13:])}", fill=255)
+    write_atomically(out / "progress.gif", lambda f: frames[0].save(f, format="GIF", save_all=True, loop=0,
+                     append_images=frames[1:], duration=[400] * (len(frames) - 1) + [2000]))  # rests on the last
 
 
 def write_metrics(history, out, loss):
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    import matplotlib
-    matplotlib.use("Agg")  # write a file, never open a window (the tutorial's plt.show() blocks)
-    import matplotlib.pyplot as plt
-    epochs = [row["epoch"] for row in history]
-    wgan = loss in ("wgan", "wgan-gp")
-    fig, axes = plt.subplots(1, 2 if wgan else 1, figsize=(10 if wgan else 5.5, 3.8), squeeze=False)
-    axes[0, 0].plot(epochs, [row["d_loss"] for row in history], "o-", ms=3, label="D loss")
-    axes[0, 0].plot(epochs, [row["g_loss"] for row in history], "o-", ms=3, label="G loss")
-    axes[0, 0].set(xlabel="epoch", ylabel="mean loss over the epoch", title=f"{loss} losses")
-    axes[0, 0].legend()
-    if wgan:  # the critic's Wasserstein estimate should fall as G improves (WGAN paper, section 4.2)
-        axes[0, 1].plot(epochs, [row["wasserstein_estimate"] for row in history], "o-", ms=3, color="C2")
-        axes[0, 1].set(xlabel="epoch", ylabel="mean D(real) - mean D(fake)", title="critic's W estimate")
-    fig.tight_layout()
-    fig.savefig(out / "losses.png", dpi=100)
-    plt.close(fig)
+    from matplotlib.figure import Figure  # drawn into a file, never shown (the tutorial's plt.show() blocks)
+    lines = [",".join(history[0])] + [",".join(map(str, row.values())) for row in history]
+    write_atomically(out / "metrics.csv", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    ax = Figure(figsize=(6, 3.8), layout="tight").subplots()
+    # For WGANs, the critic's estimate mean D(real) - mean D(fake) should fall as G improves (WGAN, section 4.2).
+    for key in ("d_loss", "g_loss") + (("wasserstein_estimate",) if loss in ("wgan", "wgan-gp") else ()):
+        ax.plot([row["epoch"] for row in history], [row[key] for row in history], "o-", ms=3, label=key)
+    ax.set(xlabel="epoch", ylabel="mean over the epoch", title=f"{loss}: losses")
+    ax.legend()
+    write_atomically(out / "losses.png", lambda f: ax.figure.savefig(f, format="png", dpi=100))
 
 
-def save_checkpoint(path, **state):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
-
-
-def load_checkpoint(path, script):
+def load_checkpoint(path, script, keys):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: runs no code
     except Exception as e:  # missing, truncated, or not tensors-only (weights_only refuses pickled code)
@@ -282,118 +251,149 @@ def load_checkpoint(path, script):
         sys.exit(f"error: cannot read checkpoint {path}: {what} ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         sys.exit(f"error: {path} is not a checkpoint of {script}.py")
+    if any(k not in ckpt for k in keys):
+        sys.exit(f"error: {path} is incomplete (no {', '.join(k for k in keys if k not in ckpt)}) to resume from")
     return ckpt
 
 
-def stop_if_not_finite(d, g, epoch, out):
-    if not (math.isfinite(d) and math.isfinite(g)):
-        last = f"the last good checkpoint is {out / 'checkpoint.pt'}" if (out / "checkpoint.pt").exists() else "no checkpoint was written"
-        sys.exit(f"error: the loss became {d if not math.isfinite(d) else g} in epoch {epoch}, so training stopped; "
-                 f"{last}. Try a lower --lr.")
+def how_to_continue(args, out, saved, epochs=None):
+    """For every message that stops a run: the epoch safe on disk, and the command that continues it."""
+    if saved == 0:
+        return "nothing was saved yet (the first checkpoint is written after epoch 1)"
+    flags = " --amp" * args.amp + f" --device {args.device}" * (args.device != "auto")
+    return (f"epoch {saved} is saved in {out / 'checkpoint.pt'}; continue with: python {os.path.relpath(__file__)} "
+            f"--resume {out / 'checkpoint.pt'} --epochs {epochs or args.epochs}{flags}")
+
+
+def output_folder(args):
+    """Where this run writes. A fresh run never writes into another run's folder (numbered runs/<name>-2, ...)."""
+    base = Path("runs", default_run_name(args))
+    numbered = (Path(f"{base}-{k}") if k > 1 else base for k in range(1, 10**6))  # runs/<name>, runs/<name>-2, ...
+    out = Path(args.out) if args.out else Path(args.resume).parent if args.resume else next(
+        p for p in numbered if not p.exists() or not any(p.iterdir()))  # the first one free, or empty
+    held = out / "checkpoint.pt"
+    if args.out and held.is_file() and not args.generate and not (args.resume and held.samefile(args.resume)):
+        epoch = load_checkpoint(held, SCRIPT, ("epoch",))["epoch"]
+        sys.exit(f"error: {out} holds a run: {how_to_continue(args, out, epoch, max(args.epochs, epoch + 1))}; "
+                 f"or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot write to {out} ({'a file, not a folder' if out.is_file() else e.strerror}); "
+                 f"choose another --out")
+    return out
 
 
 def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        sys.exit(f"error: --device {name} is not available on this machine; use --device cpu")
-    return torch.device(name)
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(n for n, ok in available.items() if ok) if name == "auto" else name
+    return torch.device(name) if available[name] else sys.exit(f"error: --device {name} is not available; use cpu")
 
 
-# ----------------------------------------------------------------------------------------------------
-# main(): set up, then the loop
-# ----------------------------------------------------------------------------------------------------
+# -- main(): set up, then the loop -------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, SCRIPT)
-        # Continue with the run's own settings; only these may change on resume.
-        given = {k: getattr(args, k) for k in ("epochs", "device", "data_root", "out", "sample_every",
-                                               "amp", "resume", "generate")}
+    need = ("args", "G") if args.generate else ("args", "G", "D", "opt_g", "opt_d", "epoch", "step", "rng", "history")
+    ckpt = args.resume and load_checkpoint(args.resume, SCRIPT, need)
+    if ckpt:  # continue with the run's own settings; only these may change on resume:
+        given = {k: getattr(args, k) for k in "epochs device data_root out sample_every amp resume generate".split()}
         vars(args).update(ckpt["args"])
         vars(args).update({k: v for k, v in given.items() if v is not None})
-        args.betas = tuple(args.betas) if args.betas else None
-        args.out = given["out"] or str(Path(args.resume).parent)
+        args.betas, args.out = tuple(args.betas) if args.betas else None, given["out"]
     args.data_root = args.data_root or "./data"
-    args.out = args.out or f"runs/{default_run_name(args)}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args)
+    args.out = str(out)
     torch.manual_seed(args.seed)
-
     G, D = (m.to(device) for m in build_models(args))
-    if ckpt:
+    if args.generate:  # --generate N --resume PATH: samples and a latent walk from the checkpoint's G, no training
         G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
-    if args.generate:  # --generate N --resume PATH: samples from the checkpoint's G, no training
         images = sample(G, torch.randn(args.generate, args.latent_dim, device=device))
-        torch.save(images, out / "generated.pt")
-        save_grid(images, out / "generated.png")
-        print(f"wrote {args.generate} samples to {out / 'generated.pt'} and generated.png")
-        return
+        write_atomically(out / "generated.pt", lambda f: torch.save(images, f))
+        save_grid(images, out / "generated.png", nrow=math.ceil(math.sqrt(len(images))))
+        save_grid(sample(G, latent_walk(args.latent_dim, args.seed).to(device)), out / "interpolation.png", nrow=10)
+        return print(f"wrote {out / 'generated.pt'}, generated.png ({args.generate} samples) and interpolation.png")
     opt_g, opt_d = make_optimizers(G, D, args, device)
-    start, step, history = 0, 0, []
+    start, step, history = (ckpt["epoch"], ckpt["step"], ckpt["history"]) if ckpt else (0, 0, [])
     if ckpt:
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        start, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        for part, name in ((G, "G"), (D, "D"), (opt_g, "opt_g"), (opt_d, "opt_d")):
+            part.load_state_dict(ckpt[name])
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         if start >= args.epochs:
             sys.exit(f"error: {args.resume} has already trained {start} epochs; ask for more with --epochs")
-
     data = load_fashion_mnist(args.data_root)[0][:args.train_images].to(device)
     # The same noise every time (its own seeded generator), so grids from different epochs compare.
     fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    B = args.batch_size
+    B, wgan = args.batch_size, args.loss in ("wgan", "wgan-gp")
     steps_per_epoch = len(data) // B  # full batches; a different remainder is left out each epoch
     if steps_per_epoch == 0:
         sys.exit(f"error: --batch-size {B} is larger than the {len(data)} training images")
-    print(f"{SCRIPT}: {args.loss} on {device}, {len(data)} images, G {sum(p.numel() for p in G.parameters()):,} / "
-          f"D {sum(p.numel() for p in D.parameters()):,} parameters, writing to {out}")
-
-    for epoch in range(start + 1, args.epochs + 1):
-        t0 = time.perf_counter()
-        perm = torch.randperm(len(data), device=device)
-        sums = torch.zeros(3, device=device)  # D loss, W estimate, G loss, summed on the device (no sync)
-        g_steps = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None)
-        for i in bar:
-            real = to_unit_range(data[perm[i * B:(i + 1) * B]])
-            z = torch.randn(B, args.latent_dim, device=device)
-            g_turn = (step + 1) % args.n_critic == 0  # G steps once every n_critic critic steps
-            # One G forward serves both steps: D sees it detached, and G's step reuses it with its graph.
-            with torch.set_grad_enabled(g_turn), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                fake = G(z)
-            d_loss, w_est = d_step(D, opt_d, real, fake, args.loss, args.gp_weight, args.clip, args.amp)
-            sums[:2] += torch.stack([d_loss, w_est])
-            if g_turn:
-                sums[2] += g_step(D, opt_g, fake, args.loss, args.amp)
-                g_steps += 1
-            step += 1
-            if i % 50 == 49:  # a device sync, so only now and then
-                d, _, g = (sums / torch.tensor([i + 1, i + 1, max(g_steps, 1)], device=device)).tolist()
-                bar.set_postfix(D=f"{d:.3f}", G=f"{g:.3f}")
-                stop_if_not_finite(d, g, epoch, out)
-        seconds = time.perf_counter() - t0
-        d, w, g = (sums / torch.tensor([steps_per_epoch, steps_per_epoch, max(g_steps, 1)], device=device)).tolist()
-        stop_if_not_finite(d, g, epoch, out)
-        history.append({"epoch": epoch, "d_loss": round(d, 5), "g_loss": round(g, 5),
-                        "wasserstein_estimate": round(w, 5) if args.loss in ("wgan", "wgan-gp") else "",
-                        "seconds": round(seconds, 2), "images_per_sec": round(steps_per_epoch * B / seconds, 1)})
-        if epoch % args.sample_every == 0 or epoch == args.epochs:
-            save_grid(sample(G, fixed_z), out / f"samples_epoch{epoch:03d}.png")
-        write_metrics(history, out, args.loss)
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
-        save_checkpoint(out / "checkpoint.pt", script=SCRIPT, epoch=epoch, step=step, args=vars(args),
-                        G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
-                        rng=rng, history=history)
-        w_text = f"  W {w:.4f}" if args.loss in ("wgan", "wgan-gp") else ""
-        print(f"epoch {epoch}/{args.epochs}  D {d:.4f}  G {g:.4f}{w_text}  {seconds:.1f} s  "
-              f"{steps_per_epoch * B / seconds:.0f} img/s", flush=True)
-    print(f"done: samples, metrics.csv, losses.png and checkpoint.pt in {out}")
+    print(f"{SCRIPT}: {args.loss} on {device}, {len(data)} images, writing to {out}", flush=True)
+    stop = []  # Ctrl-C (SIGINT) or a job scheduler's SIGTERM lands here; the loop stops after the current step
+    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for epoch in range(start + 1, args.epochs + 1):
+            t0 = time.perf_counter()
+            perm = torch.randperm(len(data), device=device)
+            sums = torch.zeros(3, device=device)  # D loss, W estimate, G loss, summed on the device (no sync)
+            g_steps, every = 0, max(1, steps_per_epoch // 10)
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None)
+            for i in bar:
+                real = data[perm[i * B:(i + 1) * B]].float() / 127.5 - 1  # [-1, 1], as the tutorial's Normalize
+                z = torch.randn(B, args.latent_dim, device=device)
+                g_turn = (step + 1) % args.n_critic == 0  # G steps once every n_critic critic steps
+                # One G forward serves both steps: D sees it detached, and G's step reuses it with its graph.
+                with torch.set_grad_enabled(g_turn), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                    fake = G(z)
+                d_loss, w_est = d_step(D, opt_d, real, fake, args.loss, args.gp_weight, args.clip, args.amp)
+                sums[:2] += torch.stack([d_loss, w_est])
+                if g_turn:
+                    sums[2] += g_step(D, opt_g, fake, args.loss, args.amp)
+                    g_steps += 1
+                step += 1
+                if stop:
+                    tqdm.write(f"interrupted by {signal.Signals(stop[0]).name} in epoch {epoch}/{args.epochs}; "
+                               f"{how_to_continue(args, out, epoch - 1)}", file=sys.stderr)
+                    sys.exit(128 + stop[0])  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+                elapsed = time.perf_counter() - t0
+                if i == 4 and epoch == start + 1 and device.type == "cpu" and getattr(args, "width", 0) >= 64:
+                    tqdm.write(f"at this pace an epoch takes {elapsed / 300 * steps_per_epoch:.0f} min on this CPU; "
+                               f"--width 32 is about 10x faster")  # gan_conv.py's default width is meant for a GPU
+                if (i + 1) % every == 0 or i + 1 == steps_per_epoch:  # a device sync, so only ten times an epoch
+                    d, w, g = (sums / torch.tensor([i + 1, i + 1, max(g_steps, 1)], device=device)).tolist()
+                    if not (math.isfinite(d) and math.isfinite(g)):
+                        sys.exit(f"error: the loss became {d if not math.isfinite(d) else g} in epoch {epoch}, so "
+                                 f"training stopped; try a lower --lr ({how_to_continue(args, out, epoch - 1)})")
+                    bar.set_postfix(D=f"{d:.3f}", G=f"{g:.3f}")
+                    if bar.disable and i + 1 < steps_per_epoch:  # no terminal (a log file): tqdm draws nothing
+                        print(f"  step {i + 1}/{steps_per_epoch}  D {d:.4f}  G {g:.4f}  "
+                              f"{elapsed / (i + 1) * (steps_per_epoch - i - 1):.0f} s left", flush=True)
+            seconds = time.perf_counter() - t0
+            history.append({"epoch": epoch, "d_loss": round(d, 5), "g_loss": round(g, 5),
+                            "wasserstein_estimate": round(w, 5) if wgan else "", "seconds": round(seconds, 2),
+                            "images_per_sec": round(steps_per_epoch * B / seconds, 1)})
+            try:  # each file is written whole or not at all, the checkpoint last: it never runs ahead of the rest
+                if epoch % args.sample_every == 0 or epoch == args.epochs:
+                    save_grid(sample(G, fixed_z), out / f"samples_epoch{epoch:03d}.png")
+                    write_gif(out)
+                write_metrics(history, out, args.loss)
+                rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+                state = dict(script=SCRIPT, epoch=epoch, step=step, args=vars(args), G=G.state_dict(), D=D.state_dict(),
+                             opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), rng=rng, history=history)
+                write_atomically(out / "checkpoint.pt", lambda f: torch.save(state, f))
+            except OSError as e:  # a full disk, a folder gone read-only: the previous checkpoint is intact
+                sys.exit(f"error: cannot write to {out} ({e.strerror or e}); {how_to_continue(args, out, epoch - 1)}")
+            print(f"epoch {epoch}/{args.epochs}  D {d:.4f}  G {g:.4f}{f'  W {w:.4f}' if wgan else ''}  "
+                  f"{seconds:.1f} s  {steps_per_epoch * B / seconds:.0f} img/s", flush=True)
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(f"error: out of {device.type} memory in epoch {epoch} at --batch-size {B}; try a smaller --batch-size"
+                 f"{' or --width' if hasattr(args, 'width') else ''}; {how_to_continue(args, out, epoch - 1)}")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(f"done: samples, progress.gif, metrics.csv, losses.png and checkpoint.pt in {out}")
 
 
 if __name__ == "__main__":

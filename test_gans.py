@@ -1,13 +1,21 @@
 """Tests: every loss against hand-computed values and independent references, the gradient penalty,
 weight clipping, the detach in the D step, and both scripts end to end on tiny synthetic data.
 
-    pytest            # about a minute on 2 CPU cores; the real-data test runs when Fashion-MNIST is present
+    pytest            # about two minutes on 2 CPU cores; the real-data tests run when Fashion-MNIST is present
+
+The CUDA tests run where a CUDA GPU is; elsewhere they are skipped. GAN_TEST_GPU=cpu runs them on the CPU,
+to check the tests themselves on a machine without a GPU.
 """
+import errno
 import gzip
 import math
+import os
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +60,7 @@ def test_loss_values_by_hand(name, d_expected, g_expected):
 
 
 def test_bce_equals_sigmoid_plus_bceloss():
+    torch.manual_seed(0)  # |s| < ~9: beyond that, 1 - sigmoid(s) in float32 loses BCELoss's digits, not ours
     real, fake = torch.randn(64, 1) * 3, torch.randn(64, 1) * 3
     bce = nn.BCELoss()
     p_real, p_fake = torch.sigmoid(real), torch.sigmoid(fake)
@@ -360,7 +369,7 @@ def test_script_runs_end_to_end_and_writes_everything(script, loss, fake_data, t
     SCRIPTS[script].main(tiny(script, fake_data, out, "--loss", loss, "--epochs", "2"))
     printed = capsys.readouterr().out
     assert "epoch 1/2" in printed and "epoch 2/2" in printed
-    assert {p.name for p in out.iterdir()} == {"samples_epoch001.png", "samples_epoch002.png",
+    assert {p.name for p in out.iterdir()} == {"samples_epoch001.png", "samples_epoch002.png", "progress.gif",
                                                "metrics.csv", "losses.png", "checkpoint.pt"}
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "epoch,d_loss,g_loss,wasserstein_estimate,seconds,images_per_sec"
@@ -522,7 +531,7 @@ def test_real_data_loads_and_trains_a_few_batches(tmp_path):
     images, labels = gan_fc.load_fashion_mnist(HERE / "data")
     assert images.shape == (60000, 1, 28, 28) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == [6000] * 10
-    x = gan_fc.to_unit_range(images[:1000])
+    x = images[:1000].float() / 127.5 - 1  # what the loop does with a batch
     assert x.min() == -1 and x.max() == 1 and -0.7 < x.mean() < -0.3  # mostly dark background
     gan_fc.main(["--data-root", str(HERE / "data"), "--out", str(tmp_path), "--device", "cpu",
                  "--train-images", "1280", "--epochs", "1"])
@@ -626,14 +635,16 @@ def test_generator_of_one_image_covers_one_class(real_sets, tmp_path, fake_data)
 # ----------------------------------------------------------------------------------------------------
 def test_bench_prints_every_side(capsys, fake_data):
     import bench
-    bench.main(["--device", "cpu", "--steps", "2", "--rounds", "1", "--warmup", "1", "--batch-size", "16",
-                "--data-root", str(fake_data)])
+    bench.main(["--device", "cpu", "--steps", "2", "--rounds", "1", "--warmup", "2", "--batch-size", "16",
+                "--data-root", str(fake_data), "--compile-backend", "aot_eager"])
     lines = capsys.readouterr().out.splitlines()
     rows = {line[:22].strip(): line[22:].split() for line in lines[2:]}
-    assert set(rows) == {"tutorial's loop", "this project", "this project --amp"}
-    assert rows["tutorial's loop"][2] == "1.00x"
-    for ms, img_s, ratio, mem in rows.values():
-        assert float(ms) > 0 and float(img_s) > 0 and ratio.endswith("x") and mem == "-"
+    assert set(rows) == {"tutorial's loop", "this project", "this project --amp", "+ torch.compile", "+ TF32 matmuls",
+                         "+ cudnn.benchmark", "--amp + those levers"}  # no channels_last row: the FC GAN has no conv
+    assert rows["tutorial's loop"][2] == "1.00x" and rows["this project"][3] == "1.00x"
+    for ms, img_s, ratio, own, mem in rows.values():
+        assert float(ms) > 0 and float(img_s) > 0 and ratio.endswith("x") and own.endswith("x") and mem == "-"
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.benchmark  # restored
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -690,3 +701,326 @@ def test_experiments_seeds_train_apart_and_a_cell_reads_median_and_range(fake_da
     assert experiments.first_seed(folders) == folders[0]
     with pytest.raises(SystemExit, match="distinct"):
         experiments.main(["--seeds", "0", "0", "--skip-training"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile: the penalty's double backward goes through the plain critic, and still trains it
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script, flags", [("gan_fc", {}), ("gan_conv", {"width": 8})])
+def test_compiled_critic_step_equals_the_plain_one_penalty_included(script, flags):
+    # aot_eager: torch.compile's autograd tracing, the part with no double backward, without a C++ build
+    module, args, G, D, opt_g, opt_d, real, fake = step_setup(script, "wgan-gp", flags)
+    _, _, _, D2, _, opt_d2, _, _ = step_setup(script, "wgan-gp", flags)
+    _, _, _, D3, _, opt_d3, _, _ = step_setup(script, "wgan-gp", flags)
+    compiled = torch.compile(D2, backend="aot_eager")
+    for critic, opt, weight in ((D, opt_d, 10.0), (compiled, opt_d2, 10.0), (D3, opt_d3, 0.0)):
+        torch.manual_seed(1)  # the same interpolation weights a
+        module.d_step(critic, opt, real, fake, "wgan-gp", gp_weight=weight)
+    for a, b, c in zip(D.parameters(), D2.parameters(), D3.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # compiled and plain: the same update
+    assert any(not torch.allclose(a, c) for a, c in zip(D.parameters(), D3.parameters()))  # the penalty counted
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run is never lost: numbered folders, refusals, interruptions, failed saves, damaged data
+# ----------------------------------------------------------------------------------------------------
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_second_fresh_run_takes_the_next_folder_and_leaves_the_first_untouched(script, fake_data, tmp_path,
+                                                                                  monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main = SCRIPTS[script].main
+    argv = tiny(script, fake_data, "x")
+    argv = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]  # no --out: the default folder
+    main(argv + ["--epochs", "2"])
+    name = "fc_bce" if script == "gan_fc" else "conv-w8_bce"
+    first = files_of(tmp_path / "runs" / name)
+    assert "checkpoint.pt" in first and "progress.gif" in first
+    main(argv + ["--epochs", "1"])  # a fresh run, as a student would try something after a long one
+    main(argv + ["--epochs", "1"])
+    assert files_of(tmp_path / "runs" / name) == first  # byte for byte
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [name, f"{name}-2", f"{name}-3"]
+    printed = capsys.readouterr().out
+    assert f"writing to {Path('runs', name + '-2')}" in printed and f"writing to {Path('runs', name + '-3')}" in printed
+
+
+def test_an_out_that_holds_a_run_is_refused_before_anything_is_written(fake_data, tmp_path):
+    out = tmp_path / "run"
+    gan_fc.main(tiny("gan_fc", fake_data, out, "--epochs", "2"))
+    before = files_of(out)
+    exits_with_one_line(gan_fc.main, tiny("gan_fc", fake_data, out, "--epochs", "5"), str(out), "epoch 2",
+                        f"--resume {out / 'checkpoint.pt'} --epochs 5", "or choose another --out")
+    exits_with_one_line(gan_fc.main, tiny("gan_fc", fake_data, out, "--epochs", "1"), "--epochs 3")  # more than 2
+    assert files_of(out) == before
+    gan_fc.main(["--resume", str(out / "checkpoint.pt"), "--epochs", "3"])  # --resume keeps writing there
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
+def test_an_out_that_is_a_file_or_cannot_be_made_gets_one_line(fake_data, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    exits_with_one_line(gan_fc.main, tiny("gan_fc", fake_data, a_file, "--epochs", "1"), str(a_file),
+                        "a file, not a folder", "choose another --out")
+    exits_with_one_line(gan_fc.main, tiny("gan_fc", fake_data, a_file / "run", "--epochs", "1"), "cannot write to")
+    assert a_file.read_text() == "mine"
+
+
+def run_until_first_checkpoint_then(sig, script, fake_data, out, epochs):
+    """Start a real training process, send it `sig` once its first checkpoint exists; return it, finished."""
+    argv = tiny(script, fake_data, out, "--epochs", epochs, "--batch-size", "8", "--sample-every", "1000")
+    proc = subprocess.Popen([sys.executable, str(HERE / f"{script}.py"), *argv], cwd=HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    proc.stdout_text, proc.stderr_text = proc.communicate(timeout=120)
+    return proc, argv
+
+
+@pytest.mark.parametrize("sig, code, script", [(signal.SIGINT, 130, "gan_fc"), (signal.SIGTERM, 143, "gan_conv")])
+def test_an_interrupted_run_says_how_to_resume_and_resuming_gives_the_uninterrupted_weights(
+        sig, code, script, fake_data, tmp_path):
+    out = tmp_path / "stopped"
+    proc, argv = run_until_first_checkpoint_then(sig, script, fake_data, out, "6")
+    assert proc.returncode == code, proc.stderr_text
+    assert "Traceback" not in proc.stderr_text
+    line = proc.stderr_text.strip().splitlines()[-1]
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]  # a complete checkpoint
+    assert 1 <= saved < 6
+    assert line.startswith(f"interrupted by {sig.name} in epoch {saved + 1}/6; epoch {saved} is saved in")
+    command = line.split("continue with: ")[1].split()
+    assert command[:4] == ["python", f"{script}.py", "--resume", str(out / "checkpoint.pt")]
+    assert command[4:] == ["--epochs", "6", "--device", "cpu"]
+    assert not list(out.glob("*.tmp"))
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    SCRIPTS[script].main(argv[:argv.index("--out") + 1] + [str(tmp_path / "straight")] + argv[argv.index("--out") + 2:])
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 6 and [h["epoch"] for h in b["history"]] == list(range(1, 7))
+    for part in ("G", "D"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def test_a_save_that_fails_halfway_leaves_the_last_checkpoint_and_says_how_to_continue(fake_data, tmp_path,
+                                                                                        monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def disk_full_at_epoch_2(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", disk_full_at_epoch_2)
+    with pytest.raises(SystemExit) as e:
+        gan_fc.main(tiny("gan_fc", fake_data, out, "--epochs", "3"))
+    message = str(e.value.code)
+    assert "\n" not in message and "No space left on device" in message and "epoch 1 is saved in" in message
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # still whole, still loadable
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)
+    command = message.split("continue with: ")[1].split()
+    gan_fc.main(command[2:])  # after "python gan_fc.py"
+    gan_fc.main(tiny("gan_fc", fake_data, tmp_path / "straight", "--epochs", "3"))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert b["epoch"] == 3 and all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not idx"])
+def test_a_damaged_data_file_is_named_with_its_remedy(damage, fake_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(fake_data, root)
+    bad = root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    bad.write_bytes(bad.read_bytes()[:5000] if damage == "truncated" else b"<html>503 Service Unavailable</html>")
+    exits_with_one_line(gan_fc.main, tiny("gan_fc", root, tmp_path / "run", "--epochs", "1"),
+                        str(bad), "damaged", "delete it and run again")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_debian_files_are_unpacked_whole_and_read(fake_data, tmp_path):
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    for name in gan_fc.FILES:
+        (debian / (name + ".gz")).write_bytes(gzip.compress((fake_data / "FashionMNIST" / "raw" / name).read_bytes()))
+    images, labels = gan_fc.load_fashion_mnist(tmp_path / "data", train=False, debian_dir=debian)
+    assert images.shape == (64, 1, 28, 28) and labels.tolist() == [i % 10 for i in range(64)]
+    assert sorted(p.name for p in (tmp_path / "data" / "FashionMNIST" / "raw").iterdir()) == sorted(gan_fc.FILES)
+
+
+def test_checkpoints_without_what_training_needs_are_refused_but_generate_works(fake_data, tmp_path):
+    gan_fc.main(tiny("gan_fc", fake_data, tmp_path / "run", "--epochs", "1"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    g_only = tmp_path / "g_only.pt"  # what bench.py --tutorial-epochs writes: G, its args, no optimizers
+    torch.save({k: ckpt[k] for k in ("script", "epoch", "args", "G", "history")}, g_only)
+    exits_with_one_line(gan_fc.main, ["--resume", g_only, "--epochs", "2"], str(g_only), "incomplete",
+                        "D", "opt_g", "opt_d")
+    gan_fc.main(["--resume", str(g_only), "--generate", "4", "--out", str(tmp_path / "gen")])
+    assert torch.load(tmp_path / "gen" / "generated.pt", weights_only=True).shape == (4, 1, 28, 28)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_out_of_gpu_memory_suggests_a_smaller_batch(script, fake_data, tmp_path, monkeypatch):
+    module = SCRIPTS[script]
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(module, "d_step", oom)
+    words = ["out of cpu memory in epoch 1", "--batch-size 32", "a smaller --batch-size", "nothing was saved yet"]
+    exits_with_one_line(module.main, tiny(script, fake_data, tmp_path, "--epochs", "1"),
+                        *words + (["--width"] if script == "gan_conv" else []))
+
+
+def test_progress_is_printed_ten_times_an_epoch_when_not_on_a_terminal(fake_data, tmp_path, capsys):
+    gan_fc.main(tiny("gan_fc", fake_data, tmp_path, "--epochs", "1", "--train-images", "256", "--batch-size", "8"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  step ")]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == list(range(3, 31, 3))  # 32 steps, every 3
+    assert all(line.split()[1].endswith("/32") and line.endswith(" s left") and " D " in line for line in lines)
+
+
+def test_a_wide_conv_on_the_cpu_says_early_how_long_an_epoch_takes(fake_data, tmp_path, capsys):
+    gan_conv.main(tiny("gan_conv", fake_data, tmp_path / "w8", "--epochs", "1", "--batch-size", "8"))
+    assert "at this pace" not in capsys.readouterr().out
+    argv = tiny("gan_conv", fake_data, tmp_path / "w64", "--epochs", "1", "--batch-size", "8")
+    gan_conv.main(argv[:-1] + ["64"])  # --width 64
+    printed = capsys.readouterr().out
+    assert "at this pace an epoch takes" in printed and "--width 32 is about 10x faster" in printed
+    assert printed.index("at this pace") < printed.index("epoch 1/1")  # said early, not at the end
+
+
+# ----------------------------------------------------------------------------------------------------
+# For the classroom: progress.gif and the latent walk
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("every, epochs, grids", [("1", "3", [1, 2, 3]), ("2", "5", [2, 4, 5])])
+def test_progress_gif_has_one_captioned_frame_per_grid(every, epochs, grids, fake_data, tmp_path):
+    from PIL import Image, ImageSequence
+    gan_fc.main(tiny("gan_fc", fake_data, tmp_path, "--epochs", epochs, "--sample-every", every))
+    assert sorted(p.name for p in tmp_path.glob("samples_epoch*.png")) == [f"samples_epoch{e:03d}.png" for e in grids]
+    gif = Image.open(tmp_path / "progress.gif")
+    frames = [f.convert("L") for f in ImageSequence.Iterator(gif)]
+    assert len(frames) == len(grids) and gif.info["loop"] == 0 and gif.size == (242, 258)
+    import numpy as np
+    for frame, e in zip(frames, grids):  # under its caption strip, each frame is that epoch's grid
+        grid = np.asarray(Image.open(tmp_path / f"samples_epoch{e:03d}.png").convert("L"), dtype=int)
+        assert np.abs(np.asarray(frame, dtype=int)[16:] - grid).max() <= 1
+        assert np.asarray(frame)[:16].max() > 200  # the caption is drawn, white on black
+    assert (tmp_path / "progress.gif").stat().st_size < 200_000
+
+
+def test_slerp_follows_the_great_circle_between_its_ends():
+    torch.manual_seed(0)
+    z0, z1 = torch.randn(3, 100), torch.randn(3, 100)
+    t = torch.linspace(0, 1, 7).view(7, 1, 1)
+    path = gan_fc.slerp(z0, z1, t)  # (7, 3, 100)
+    assert torch.equal(path[0], z0) and torch.equal(path[-1], z1)  # exactly its ends
+    z1 = z1 / z1.norm(dim=-1, keepdim=True) * z0.norm(dim=-1, keepdim=True)  # equal norms: a circle's arc
+    path, angle = gan_fc.slerp(z0, z1, t), torch.cosine_similarity(z0, z1, dim=-1).acos()
+    for k in range(7):  # constant norm, and the angle from z0 grows linearly with t
+        torch.testing.assert_close(path[k].norm(dim=-1), z0.norm(dim=-1))
+        torch.testing.assert_close(torch.cosine_similarity(z0, path[k], dim=-1).clamp(-1, 1).acos(),
+                                   t[k, 0, 0] * angle, atol=1e-3, rtol=1e-3)
+    assert (path[3].norm(dim=-1) > ((z0 + z1) / 2).norm(dim=-1) * 1.1).all()  # not the straight line's short middle
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_generate_writes_a_latent_walk_whose_rows_end_at_g_of_their_endpoints(script, fake_data, tmp_path):
+    from PIL import Image
+    import numpy as np
+    module = SCRIPTS[script]
+    module.main(tiny(script, fake_data, tmp_path, "--epochs", "1"))
+    module.main(["--resume", str(tmp_path / "checkpoint.pt"), "--generate", "10", "--out", str(tmp_path / "gen")])
+    walk = np.asarray(Image.open(tmp_path / "gen" / "interpolation.png").convert("L"), dtype=int)
+    assert walk.shape == (8 * 30 + 2, 10 * 30 + 2)  # 8 rows x 10 images of 28x28, 2-pixel padding
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    G, _ = module.build_models(module.parse_args(["--loss", "bce"] + (["--width", "8"] if script == "gan_conv" else [])))
+    G.load_state_dict(ckpt["G"])
+    z = module.latent_walk(ckpt["args"]["latent_dim"], seed=0)
+    assert z.shape == (80, ckpt["args"]["latent_dim"])
+    for row in range(8):
+        for col in (0, 9):
+            expected = module.sample(G, z[row * 10 + col:row * 10 + col + 1])[0, 0].numpy().astype(int)
+            got = walk[2 + row * 30:30 + row * 30, 2 + col * 30:30 + col * 30]
+            assert np.abs(got - expected).max() <= 1, (row, col)
+    ends = torch.randn(2, 8, 1, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(z[::10], ends[0, :, 0]) and torch.equal(z[9::10], ends[1, :, 0])  # seeded: the same walk
+
+
+# ----------------------------------------------------------------------------------------------------
+# On a CUDA GPU (skipped without one; GAN_TEST_GPU=cpu runs them on the CPU to check the tests)
+# ----------------------------------------------------------------------------------------------------
+GPU = os.environ.get("GAN_TEST_GPU", "cuda")
+needs_gpu = pytest.mark.skipif(GPU == "cuda" and not torch.cuda.is_available(), reason="no CUDA GPU here")
+
+
+def on_gpu(script, data_root, out, *extra):
+    argv = tiny(script, data_root, out, *extra)
+    argv[argv.index("--device") + 1] = GPU
+    return argv
+
+
+@needs_gpu
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("script, flags", [("gan_fc", []), ("gan_conv", []), ("gan_conv", ["--disc", "fc"])])
+def test_cuda_every_script_and_loss_trains(script, flags, loss, amp, fake_data, tmp_path):
+    out = tmp_path / "run"
+    SCRIPTS[script].main(on_gpu(script, fake_data, out, "--loss", loss, "--epochs", "1", *flags, *["--amp"] * amp))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    row = ckpt["history"][0]
+    assert ckpt["args"]["device"] == GPU and ckpt["args"]["amp"] == amp and ckpt["step"] == 4
+    assert math.isfinite(row["d_loss"]) and math.isfinite(row["g_loss"])
+    if GPU == "cuda":
+        assert ckpt["rng"]["cuda"] is not None
+
+
+@needs_gpu
+def test_cuda_resume_continues_to_the_asked_epoch_with_the_same_settings(fake_data, tmp_path):
+    out = tmp_path / "run"
+    gan_conv.main(on_gpu("gan_conv", fake_data, out, "--loss", "wgan-gp", "--epochs", "1", "--lr", "3e-4"))
+    gan_conv.main(["--resume", str(out / "checkpoint.pt"), "--epochs", "3", "--device", GPU])
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and [h["epoch"] for h in ckpt["history"]] == [1, 2, 3]
+    assert (ckpt["args"]["loss"], ckpt["args"]["lr"], ckpt["args"]["width"], ckpt["args"]["n_critic"]) == \
+        ("wgan-gp", 3e-4, 8, 5)
+    assert ckpt["step"] == 3 * 4
+
+
+@needs_gpu
+def test_cuda_generate_writes_uint8_samples(fake_data, tmp_path):
+    gan_conv.main(on_gpu("gan_conv", fake_data, tmp_path, "--epochs", "1"))
+    gan_conv.main(["--resume", str(tmp_path / "checkpoint.pt"), "--generate", "10", "--device", GPU,
+                   "--out", str(tmp_path / "gen")])
+    images = torch.load(tmp_path / "gen" / "generated.pt", weights_only=True)
+    assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8 and images.device.type == "cpu"
+    assert (tmp_path / "gen" / "interpolation.png").exists()
+
+
+@needs_gpu
+@pytest.mark.parametrize("arch", ["fc", "conv", "convG-fcD"])
+def test_cuda_bench_runs_every_row(arch, capsys, fake_data):
+    import bench
+    bench.main(["--device", GPU, "--arch", arch, "--width", "8", "--steps", "2", "--rounds", "1", "--warmup", "2",
+                "--batch-size", "16", "--data-root", str(fake_data), "--compile-backend", "aot_eager"])
+    rows = {line[:22].strip(): line[22:].split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert len(rows) == (7 if arch == "fc" else 8) and all(float(r[0]) > 0 for r in rows.values())
+    assert all(r[-1] != "-" for r in rows.values()) == (GPU == "cuda")  # peak memory, on CUDA
+
+
+@needs_gpu
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not on this machine")
+def test_cuda_features_give_the_cpu_fid(real_sets):
+    import evaluate
+    test_images, _, train_images = real_sets
+    model = evaluate.load_classifier()
+    samples = train_images[:2000]
+    on_cpu = evaluate.evaluate_images(model, samples, evaluate.predict(model, test_images[:2000])[0])
+    device = torch.device(GPU)
+    on_gpu_ = evaluate.evaluate_images(model, samples, evaluate.predict(model, test_images[:2000], device=device)[0],
+                                       device=device)
+    assert on_gpu_["fid"] == pytest.approx(on_cpu["fid"], rel=0.01)
+    assert on_gpu_["classes_covered"] == on_cpu["classes_covered"]
