@@ -210,6 +210,8 @@ def write_atomically(path, write):
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+        raise e.__context__ if isinstance(e.__context__, OSError) else e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -224,7 +226,7 @@ def write_gif(out):
     frames = []
     for path in sorted(out.glob("samples_epoch*.png"), key=lambda p: int(p.stem[13:])):
         frames.append(frame := Image.new("L", (242, 258)))  # the 8x8 grid, under a black strip for the caption
-        frame.paste(Image.open(path).convert("L"), (0, 16))  # grey, so the GIF gets a grey palette and stays small
+        frame.paste(Image.open(path).convert("L").point(lambda v: v & 0xF8), (0, 16))  # 32 greys: a small GIF
         ImageDraw.Draw(frame).text((4, 3), f"epoch {int(path.stem[13:])}", fill=255)
     write_atomically(out / "progress.gif", lambda f: frames[0].save(f, format="GIF", save_all=True, loop=0,
                      append_images=frames[1:], duration=[400] * (len(frames) - 1) + [2000]))  # rests on the last
@@ -237,7 +239,7 @@ def write_metrics(history, out, loss):
     ax = Figure(figsize=(6, 3.8), layout="tight").subplots()
     # For WGANs, the critic's estimate mean D(real) - mean D(fake) should fall as G improves (WGAN, section 4.2).
     for key in ("d_loss", "g_loss") + (("wasserstein_estimate",) if loss in ("wgan", "wgan-gp") else ()):
-        ax.plot([row["epoch"] for row in history], [row[key] for row in history], "o-", ms=3, label=key)
+        ax.plot([row["epoch"] for row in history], [row[key] for row in history], "o-", ms=3, label=key.replace("_", " "))
     ax.set(xlabel="epoch", ylabel="mean over the epoch", title=f"{loss}: losses")
     ax.legend()
     write_atomically(out / "losses.png", lambda f: ax.figure.savefig(f, format="png", dpi=100))
@@ -357,10 +359,9 @@ def main(argv=None):
                     tqdm.write(f"interrupted by {signal.Signals(stop[0]).name} in epoch {epoch}/{args.epochs}; "
                                f"{how_to_continue(args, out, epoch - 1)}", file=sys.stderr)
                     sys.exit(128 + stop[0])  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
-                elapsed = time.perf_counter() - t0
                 if i == 4 and epoch == start + 1 and device.type == "cpu" and getattr(args, "width", 0) >= 64:
-                    tqdm.write(f"at this pace an epoch takes {elapsed / 300 * steps_per_epoch:.0f} min on this CPU; "
-                               f"--width 32 is about 10x faster")  # gan_conv.py's default width is meant for a GPU
+                    tqdm.write(f"at this pace an epoch takes {(time.perf_counter() - t0) / 300 * steps_per_epoch:.0f} "
+                               f"min on this CPU; --width 32 is about 10x faster")  # gan_conv.py's widths >= 64
                 if (i + 1) % every == 0 or i + 1 == steps_per_epoch:  # a device sync, so only ten times an epoch
                     d, w, g = (sums / torch.tensor([i + 1, i + 1, max(g_steps, 1)], device=device)).tolist()
                     if not (math.isfinite(d) and math.isfinite(g)):
@@ -369,11 +370,10 @@ def main(argv=None):
                     bar.set_postfix(D=f"{d:.3f}", G=f"{g:.3f}")
                     if bar.disable and i + 1 < steps_per_epoch:  # no terminal (a log file): tqdm draws nothing
                         print(f"  step {i + 1}/{steps_per_epoch}  D {d:.4f}  G {g:.4f}  "
-                              f"{elapsed / (i + 1) * (steps_per_epoch - i - 1):.0f} s left", flush=True)
+                              f"{(time.perf_counter() - t0) / (i + 1) * (steps_per_epoch - i - 1):.0f} s left", flush=True)
             seconds = time.perf_counter() - t0
-            history.append({"epoch": epoch, "d_loss": round(d, 5), "g_loss": round(g, 5),
-                            "wasserstein_estimate": round(w, 5) if wgan else "", "seconds": round(seconds, 2),
-                            "images_per_sec": round(steps_per_epoch * B / seconds, 1)})
+            history.append(dict(epoch=epoch, d_loss=round(d, 5), g_loss=round(g, 5), wasserstein_estimate=round(w, 5) if wgan
+                                else "", seconds=round(seconds, 2), images_per_sec=round(steps_per_epoch * B / seconds, 1)))
             try:  # each file is written whole or not at all, the checkpoint last: it never runs ahead of the rest
                 if epoch % args.sample_every == 0 or epoch == args.epochs:
                     save_grid(sample(G, fixed_z), out / f"samples_epoch{epoch:03d}.png")

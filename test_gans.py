@@ -806,15 +806,20 @@ def test_an_interrupted_run_says_how_to_resume_and_resuming_gives_the_uninterrup
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
-def test_a_save_that_fails_halfway_leaves_the_last_checkpoint_and_says_how_to_continue(fake_data, tmp_path,
-                                                                                        monkeypatch):
+@pytest.mark.parametrize("as_torch_does", [False, True])
+def test_a_save_that_fails_halfway_leaves_the_last_checkpoint_and_says_how_to_continue(as_torch_does, fake_data,
+                                                                                        tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save = torch.save
 
     def disk_full_at_epoch_2(obj, f, *a, **k):
         if isinstance(obj, dict) and obj.get("epoch") == 2:
             f.write(b"PK\x03\x04 half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            finally:  # torch.save's zip writer then fails to close, and that RuntimeError is what reaches us
+                if as_torch_does:
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", disk_full_at_epoch_2)
     with pytest.raises(SystemExit) as e:
@@ -907,7 +912,7 @@ def test_progress_gif_has_one_captioned_frame_per_grid(every, epochs, grids, fak
     import numpy as np
     for frame, e in zip(frames, grids):  # under its caption strip, each frame is that epoch's grid
         grid = np.asarray(Image.open(tmp_path / f"samples_epoch{e:03d}.png").convert("L"), dtype=int)
-        assert np.abs(np.asarray(frame, dtype=int)[16:] - grid).max() <= 1
+        assert np.abs(np.asarray(frame, dtype=int)[16:] - grid).max() <= 8  # 32 grey levels
         assert np.asarray(frame)[:16].max() > 200  # the caption is drawn, white on black
     assert (tmp_path / "progress.gif").stat().st_size < 200_000
 
