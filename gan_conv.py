@@ -87,7 +87,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    # DCGAN discriminator, no final Sigmoid: D returns a logit (losses.py applies the sigmoid inside the BCE). With
+    # DCGAN discriminator, no final Sigmoid: D returns a logit (as gan_fc.py's D, tutorial 4.2 LSGAN, 4.4). With
     # norm="layer", GroupNorm(1, c): BatchNorm mixes the samples of a batch, but a gradient penalty is per sample.
     def __init__(self, width=128, norm="batch"):
         super().__init__()

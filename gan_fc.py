@@ -83,7 +83,7 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     # No final Sigmoid: D returns a logit, and losses.py applies the sigmoid inside the BCE where needed
-    # (stable, and allowed under autocast); LSGAN and WGAN want the raw score anyway (tutorial 4.3, 4.4).
+    # (stable, and allowed under autocast); LSGAN and WGAN want the raw score (tutorial 4.2 LSGAN, 4.4).
     def __init__(self, dropout=0.3):
         super().__init__()
         self.net = nn.Sequential(

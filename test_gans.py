@@ -1029,3 +1029,27 @@ def test_cuda_features_give_the_cpu_fid(real_sets):
                                        device=device)
     assert on_gpu_["fid"] == pytest.approx(on_cpu["fid"], rel=0.01)
     assert on_gpu_["classes_covered"] == on_cpu["classes_covered"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two READMEs stay in step
+# ----------------------------------------------------------------------------------------------------
+def readme_facts(path):
+    import re
+    text = path.read_text(encoding="utf-8")
+    fenced = re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S)
+    commands = {line.split("  #")[0].strip() for block in fenced for line in block.splitlines()
+                if line.strip().startswith(("python ", "pip ", "pytest", "bash "))}
+    commands |= {c for c in re.findall(r"`([^`\n]+)`", text) if c.startswith(("python ", "pip ", "bash "))}
+    return commands, set(re.findall(r"--[a-z][a-z0-9-]*", text)), set(re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text))
+
+
+def test_the_chinese_readme_has_every_command_flag_and_picture_of_the_english_one():
+    en, zh = HERE / "README.md", HERE / "README.zh-CN.md"
+    (en_commands, en_flags, en_pictures), (zh_commands, zh_flags, zh_pictures) = readme_facts(en), readme_facts(zh)
+    assert en_commands == zh_commands, (en_commands ^ zh_commands)
+    assert en_flags == zh_flags, (en_flags ^ zh_flags)
+    assert en_pictures == zh_pictures and all((HERE / p).exists() for p in en_pictures), en_pictures ^ zh_pictures
+    assert "python gan_conv.py --loss wgan-gp --epochs 50" in " ".join(en_commands) and len(en_pictures) >= 5
+    assert "(README.zh-CN.md)" in en.read_text(encoding="utf-8")[:300]
+    assert "(README.md)" in zh.read_text(encoding="utf-8")[:300]
