@@ -46,10 +46,15 @@ def main(argv=None):
         p.error(f"--seeds must be distinct and not negative, got {' '.join(map(str, args.seeds))}")
     out = Path(args.out)
     cells = make_cells(out, args.fc_epochs, args.conv_epochs, args.conv_width, args.seeds, args.tutorial_epochs)
-    for seed in args.seeds:  # every cell at one seed before the next seed, so a stopped run leaves whole rows
-        for name, folders, epochs, cmd in cells.values():
-            if not (args.skip_training or (args.only and name not in args.only)):
-                train(folders[seed], epochs, cmd + ["--seed", str(seed)])
+    try:
+        for seed in args.seeds:  # every cell at one seed before the next seed, so a stopped run leaves whole rows
+            for name, folders, epochs, cmd in cells.values():
+                if not (args.skip_training or (args.only and name not in args.only)):
+                    train(folders[seed], epochs, cmd + ["--seed", str(seed)])
+    except (KeyboardInterrupt, subprocess.CalledProcessError) as e:  # the run itself has said why, in its line
+        print("experiments.py stopped; the same command continues: finished runs are skipped, the stopped one "
+              "resumes", file=sys.stderr)
+        sys.exit(e.returncode if isinstance(e, subprocess.CalledProcessError) else 130)
     rows = evaluate(out, [f / "checkpoint.pt" for c in cells.values() for f in c[1].values()
                           if (f / "checkpoint.pt").exists()])
     write_table(out, cells, rows)

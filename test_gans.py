@@ -703,6 +703,17 @@ def test_experiments_seeds_train_apart_and_a_cell_reads_median_and_range(fake_da
         experiments.main(["--seeds", "0", "0", "--skip-training"])
 
 
+def test_experiments_stopped_by_a_signal_says_the_same_command_continues(monkeypatch, tmp_path, capsys):
+    import experiments
+
+    def interrupted_run(folder, epochs, cmd):
+        raise subprocess.CalledProcessError(130, cmd)  # what a run stopped by Ctrl-C returns
+    monkeypatch.setattr(experiments, "train", interrupted_run)
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["--out", str(tmp_path), "--only", "fc_bce"])
+    assert e.value.code == 130 and "the same command continues" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------
 # torch.compile: the penalty's double backward goes through the plain critic, and still trains it
 # ----------------------------------------------------------------------------------------------------
