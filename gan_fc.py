@@ -280,7 +280,7 @@ def output_folder(args):
 def pick_device(name):
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = next(n for n, ok in available.items() if ok) if name == "auto" else name
-    return torch.device(name) if available[name] else sys.exit(f"error: --device {name} is not available; use cpu")
+    return torch.device(name) if available[name] else sys.exit(f"error: --device {name} is not available; try --device cpu")
 
 
 # -- main(): set up, then the loop -------------------------------------------------------------------
