@@ -33,6 +33,8 @@ import torch.nn as nn
 import gan_conv
 import gan_fc
 
+LEVERS = ("compile", "channels_last", "tf32", "cudnn_benchmark")  # the usual GPU levers, timed one at a time
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -63,9 +65,6 @@ def parse_args(argv=None):
     if args.arch == "fc" and "channels_last" in args.levers:
         args.levers.remove("channels_last")  # a memory format for 4-d conv activations; the FC GAN has none
     return args
-
-
-LEVERS = ("compile", "channels_last", "tf32", "cudnn_benchmark")
 
 
 def script_args(args, amp):
