@@ -10,9 +10,10 @@
 #   2. evaluate.py on its checkpoint, with the floor and the noise rows;
 #   3. bench.py on the GPU for the main job's step (conv, wgan-gp): fp32, --amp, each lever one at a time;
 #   4. pytest, with the CUDA tests running;
-#   5. bench.py for conv with bce, fc and convG-fcD.
+#   5. bench.py for conv with bce, fc and convG-fcD;
+#   6. the torch.compile rows (slow to compile) for the main job's step and fc.
 # ONLY="pytest bench_fc" runs just the named steps (main, evaluate, bench_conv_wgan-gp, pytest, bench_conv_bce,
-# bench_fc, bench_convG-fcD), to finish a pass that ran out of time.
+# bench_fc, bench_convG-fcD, bench_conv_wgan-gp_compile, bench_fc_compile), to finish a pass that ran out of time.
 # Fashion-MNIST comes from ./data/FashionMNIST/raw, Debian's package, or the four *-ubyte.gz files in
 # $FMNIST_GZ (default: data/gz), unpacked here.
 #
@@ -74,15 +75,21 @@ step main 300 python gan_conv.py --loss wgan-gp --epochs "$EPOCHS" --width "$WID
 step evaluate 60 python evaluate.py --device "$DEVICE" --floor --results "$W/main/results.csv" "$W/main/checkpoint.pt"
 
 # 3. Speed of the main job's step, 4. the tests with the CUDA ones (in parallel where pytest-xdist is
-# installed), 5. speed of the other architectures (no lever rows for (b), for time).
+# installed), 5. speed of the other architectures, 6. torch.compile last: it compiles for a minute or more,
+# so it runs alone, after everything else is safe (a step cut off at its limit prints nothing).
 parallel=$(python -c "import xdist; print('-n 8')" 2> /dev/null)
+quick="channels_last tf32 cudnn_benchmark"
 # shellcheck disable=SC2086
 {
-    step bench_conv_wgan-gp 120 python bench.py --device "$DEVICE" --arch conv --loss wgan-gp --width "$WIDTH" $BENCH
+    step bench_conv_wgan-gp 75 python bench.py --device "$DEVICE" --arch conv --loss wgan-gp --width "$WIDTH" \
+        --levers $quick $BENCH
     step pytest 120 python -m pytest -q -rs -p no:cacheprovider $parallel $PYTEST_ARGS
-    step bench_conv_bce 90 python bench.py --device "$DEVICE" --arch conv --width "$WIDTH" $BENCH
-    step bench_fc 75 python bench.py --device "$DEVICE" --arch fc $BENCH
-    step bench_convG-fcD 45 python bench.py --device "$DEVICE" --arch convG-fcD --width "$WIDTH" --levers $BENCH
+    step bench_conv_bce 60 python bench.py --device "$DEVICE" --arch conv --width "$WIDTH" --levers $quick $BENCH
+    step bench_fc 45 python bench.py --device "$DEVICE" --arch fc --levers $quick $BENCH
+    step bench_convG-fcD 40 python bench.py --device "$DEVICE" --arch convG-fcD --width "$WIDTH" --levers $BENCH
+    step bench_conv_wgan-gp_compile 150 python bench.py --device "$DEVICE" --arch conv --loss wgan-gp --width "$WIDTH" \
+        --levers compile $BENCH
+    step bench_fc_compile 90 python bench.py --device "$DEVICE" --arch fc --levers compile $BENCH
 }
 
 # Pack the small files and print the summary (the last lines are what a remote run shows).
