@@ -86,10 +86,15 @@ def first_seed(folders):
     return next((folders[s] for s in sorted(folders) if (folders[s] / "checkpoint.pt").exists()), None)
 
 
+def load(checkpoint):
+    """A checkpoint, memory-mapped onto the CPU: fast to open, and one written on a GPU opens anywhere."""
+    return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+
+
 def train(folder, epochs, cmd):
     """Train one run to `epochs`: skipped when done, resumed when partial."""
     ckpt = folder / "checkpoint.pt"
-    done = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["epoch"] if ckpt.exists() else 0
+    done = load(ckpt)["epoch"] if ckpt.exists() else 0
     if done < epochs:
         resume = ["--resume", str(ckpt)] if done else []
         subprocess.run(cmd + ["--out", str(folder)] + resume, check=True)
@@ -100,7 +105,7 @@ def evaluate(out, checkpoints):
     results = out / "results.csv"
     rows = read_results(results)
     stale = [str(c) for c in checkpoints
-             if rows.get(str(c), {}).get("epoch") != str(torch.load(c, map_location="cpu", weights_only=True, mmap=True)["epoch"])]
+             if rows.get(str(c), {}).get("epoch") != str(load(c)["epoch"])]
     floor = [] if any(w.startswith("floor") for w in rows) else ["--floor"]
     if stale or floor:
         subprocess.run([sys.executable, "evaluate.py", *floor, "--results", str(results), *stale], check=True)
@@ -117,7 +122,7 @@ def cell_text(folders, rows, width=False):
     if not runs:
         return "not run"
     fids = [float(r["fid_fmnist"]) for _, r in runs]
-    ckpts = [torch.load(f / "checkpoint.pt", map_location="cpu", weights_only=True, mmap=True) for f, _ in runs]
+    ckpts = [load(f / "checkpoint.pt") for f, _ in runs]
     secs = statistics.median(h["seconds"] for c in ckpts for h in c["history"])  # a slowed epoch does not move it
     epochs = sorted({int(r["epoch"]) for _, r in runs})
     spread = f" [{min(fids):.1f}-{max(fids):.1f}]" if len(runs) > 1 else ""
