@@ -17,7 +17,6 @@ import csv
 import hashlib
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -163,7 +162,9 @@ def generate(checkpoint, n, seed, device):
     module = {"gan_fc": gan_fc, "gan_conv": gan_conv}.get(ckpt.get("script") if isinstance(ckpt, dict) else None)
     if module is None:
         sys.exit(f"error: {checkpoint} is not a checkpoint of gan_fc.py or gan_conv.py")
-    G, _ = module.build_models(Namespace(**ckpt["args"]))
+    args = module.parse_args(["--loss", ckpt["args"]["loss"]])  # a flag newer than the checkpoint: its loss's default
+    vars(args).update(ckpt["args"])
+    G, _ = module.build_models(args)
     G.load_state_dict(ckpt["G"])
     z = torch.randn(n, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(seed))
     return module.sample(G.to(device), z.to(device)), ckpt

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout  # installed with PyTorch
 
 ARCHS = {"FC G / FC D (a)": ("gan_fc.py",), "conv G / FC D (b)": ("gan_conv.py", "--disc", "fc"),
          "conv G / conv D (c)": ("gan_conv.py",)}
@@ -40,25 +41,38 @@ def main(argv=None):
     p.add_argument("--out", default="runs/table")
     p.add_argument("--only", nargs="*", help="run only these cells, e.g. fc_wgan conv_bce convG-fcD_lsgan")
     p.add_argument("--skip-training", action="store_true", help="only evaluate and draw what is there")
+    p.add_argument("--data-root", help="where FashionMNIST/ is, for every run and evaluate.py (default: ./data)")
+    p.add_argument("--train-images", type=int, help="train on the first N images only, for a quick check")
+    p.add_argument("--samples", type=int, default=10000, help="evaluate.py's samples per checkpoint (default: 10000)")
     p.error = lambda message: sys.exit(f"error: {message}")
     args = p.parse_args(argv)
     if min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
         p.error(f"--seeds must be distinct and not negative, got {' '.join(map(str, args.seeds))}")
     out = Path(args.out)
     cells = make_cells(out, args.fc_epochs, args.conv_epochs, args.conv_width, args.seeds, args.tutorial_epochs)
+    data = ["--data-root", args.data_root] if args.data_root else []
+    flags = data + (["--train-images", str(args.train_images)] if args.train_images else [])
+    elsewhere = []  # runs that another process is training as we go
     try:
         for seed in args.seeds:  # every cell at one seed before the next seed, so a stopped run leaves whole rows
             for name, folders, epochs, cmd in cells.values():
                 if not (args.skip_training or (args.only and name not in args.only)):
-                    train(folders[seed], epochs, cmd + ["--seed", str(seed)])
+                    extra = data if "bench.py" in cmd[1] else flags  # bench.py's tutorial loop trains on all images
+                    if not train(folders[seed], epochs, cmd + extra + ["--seed", str(seed)]):
+                        elsewhere.append(folders[seed])
     except (KeyboardInterrupt, subprocess.CalledProcessError) as e:  # the run itself has said why, in its line
         print("experiments.py stopped; the same command continues: finished runs are skipped, the stopped one "
               "resumes", file=sys.stderr)
         sys.exit(e.returncode if isinstance(e, subprocess.CalledProcessError) else 130)
-    rows = evaluate(out, [f / "checkpoint.pt" for c in cells.values() for f in c[1].values()
-                          if (f / "checkpoint.pt").exists()])
-    write_table(out, cells, rows)
-    draw(out, {k: first_seed(c[1]) for k, c in cells.items() if k[0] in ARCHS and first_seed(c[1])})
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(out / ".table.lock"):  # one process at a time scores and writes the table
+        rows = evaluate(out, [f / "checkpoint.pt" for c in cells.values() for f in c[1].values()
+                              if (f / "checkpoint.pt").exists()], data + ["--samples", str(args.samples)])
+        write_table(out, cells, rows)
+        draw(out, {k: first_seed(c[1]) for k, c in cells.items() if k[0] in ARCHS and first_seed(c[1])})
+    if elsewhere:
+        print(f"{len(elsewhere)} run(s) were training in another process ({', '.join(map(str, elsewhere))}): the "
+              f"table has what had finished; the process that finishes last writes it whole")
 
 
 def make_cells(out, fc_epochs, conv_epochs, conv_width, seeds=(0,), tutorial_epochs=None):
@@ -91,16 +105,40 @@ def load(checkpoint):
     return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
 
 
+def claim(path):
+    """A lock on path held by this process, or None if another process holds it. The OS frees a lock however
+    its process ends, so a killed experiments.py leaves no stale claim."""
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+        return lock
+    except Timeout:
+        return None
+
+
 def train(folder, epochs, cmd):
-    """Train one run to `epochs`: skipped when done, resumed when partial."""
-    ckpt = folder / "checkpoint.pt"
-    done = load(ckpt)["epoch"] if ckpt.exists() else 0
-    if done < epochs:
-        resume = ["--resume", str(ckpt)] if done else []
-        subprocess.run(cmd + ["--out", str(folder)] + resume, check=True)
+    """Train one run to `epochs`: skipped when done, resumed when partial. False, and left alone, while another
+    process trains it: another experiments.py on the same table (its claim on the run), or a script itself."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = claim(folder.parent / f".{folder.name}.lock")
+    if mine is None or (script := claim(folder / ".lock")) is None:  # the script's own lock: it is training
+        if mine:
+            mine.release()
+        print(f"{folder}: in use by another process, which trains it; skipped", flush=True)
+        return False
+    script.release()  # the script takes it itself, while this process keeps its claim on the run
+    try:
+        ckpt = folder / "checkpoint.pt"
+        done = load(ckpt)["epoch"] if ckpt.exists() else 0
+        if done < epochs:
+            resume = ["--resume", str(ckpt)] if done else []
+            subprocess.run(cmd + ["--out", str(folder)] + resume, check=True)
+        return True
+    finally:
+        mine.release()
 
 
-def evaluate(out, checkpoints):
+def evaluate(out, checkpoints, flags=()):
     """evaluate.py's rows {what: row} for every checkpoint; only checkpoints without a row at their epoch are scored."""
     results = out / "results.csv"
     rows = read_results(results)
@@ -108,7 +146,7 @@ def evaluate(out, checkpoints):
              if rows.get(str(c), {}).get("epoch") != str(load(c)["epoch"])]
     floor = [] if any(w.startswith("floor") for w in rows) else ["--floor"]
     if stale or floor:
-        subprocess.run([sys.executable, "evaluate.py", *floor, "--results", str(results), *stale], check=True)
+        subprocess.run([sys.executable, "evaluate.py", *flags, *floor, "--results", str(results), *stale], check=True)
     return read_results(results)
 
 

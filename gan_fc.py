@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from filelock import FileLock, Timeout  # installed with PyTorch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -19,13 +20,15 @@ SCRIPT = "gan_fc"
 
 
 # -- Arguments ---------------------------------------------------------------------------------------
-def build_parser():
+def parse_args(argv=None):
+    """Parse flags, check them and fill the per-loss defaults. Bad input exits with one line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--loss", choices=LOSSES, default="bce", help="GAN loss, tutorial section 4 (default: bce)")
     p.add_argument("--epochs", type=int, default=50, help="passes of the critic over the training set (default: 50)")
     p.add_argument("--batch-size", type=int, help="(default per loss: 128, the tutorial's; wgan 64)")
     p.add_argument("--latent-dim", type=int, default=100, help="size of the noise vector z (default: 100)")
     p.add_argument("--lr", type=float, help="(default per loss: bce, lsgan 2e-4; wgan, wgan-gp 1e-4)")
+    p.add_argument("--d-lr", type=float, help="D's (the critic's) own lr, two time-scale rule (default: --lr)")
     p.add_argument("--betas", type=float, nargs=2, help="Adam's (default per loss: 0.5 0.999; wgan-gp 0.0 0.9)")
     p.add_argument("--n-critic", type=int, help="critic steps per G step (default per loss: 1; 5 for WGANs)")
     p.add_argument("--clip", type=float, help="wgan: clip critic weights to [-c, c] (default 0.01)")
@@ -39,31 +42,24 @@ def build_parser():
     p.add_argument("--amp", action="store_true", help="bf16 autocast (faster on recent GPUs/CPUs)")
     p.add_argument("--resume", metavar="PATH", help="continue training from this checkpoint.pt")
     p.add_argument("--generate", type=int, metavar="N", help="with --resume: write N samples and a latent walk")
-    return p
-
-
-def parse_args(argv=None):
-    """Parse flags, check them and fill the per-loss defaults. Bad input exits with one line."""
-    parser = build_parser()
-    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
-    args = parser.parse_args(argv)
-    # Per-loss defaults from each paper's own algorithm: BCE/LSGAN as the tutorial (DCGAN's Adam settings, arXiv
-    # 1511.06434); WGAN Algorithm 1 (arXiv 1701.07875), but lr 1e-4, not 5e-5: 50 epochs are ~9k G steps where the
-    # paper ran 100k+, and at 5e-5 the FC G was one blob after 10 epochs (README); WGAN-GP Algorithm 1 (1704.00028).
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
+    args = p.parse_args(argv)
+    # Per-loss defaults from each paper's algorithm: BCE/LSGAN the tutorial's (DCGAN, arXiv 1511.06434); WGAN Alg. 1
+    # (1701.07875) at lr 1e-4, not 5e-5, too slow for 50 epochs (README); WGAN-GP Algorithm 1 (1704.00028).
     defaults = {"bce": (2e-4, (0.5, 0.999), 1, 128), "lsgan": (2e-4, (0.5, 0.999), 1, 128),  # lr, betas, n_critic,
                 "wgan": (1e-4, None, 5, 64), "wgan-gp": (1e-4, (0.0, 0.9), 5, 128)}  # batch size; then clip, gp weight
     if args.loss == "wgan" and args.betas is not None:
-        parser.error("--betas is for Adam; --loss wgan trains with RMSprop (WGAN paper, section 3)")
+        p.error("--betas is for Adam; --loss wgan trains with RMSprop (WGAN paper, section 3)")
     for name, value in zip("lr betas n_critic batch_size clip gp_weight".split(), (*defaults[args.loss], 0.01, 10.0)):
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    args.betas = tuple(args.betas) if args.betas else None
+    args.betas, args.d_lr = tuple(args.betas) if args.betas else None, args.d_lr or args.lr
     for name in ("epochs", "batch_size", "latent_dim", "n_critic", "sample_every", "train_images"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.lr <= 0 or args.clip <= 0 or args.gp_weight < 0:
-        parser.error("--lr and --clip must be positive and --gp-weight not negative")
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if min(args.lr, args.d_lr, args.clip) <= 0 or args.gp_weight < 0:
+        p.error("--lr, --d-lr and --clip must be positive and --gp-weight not negative")
     if args.generate is not None and (args.generate < 1 or not args.resume):
-        parser.error("--generate N needs N >= 1 and --resume CHECKPOINT")
+        p.error("--generate N needs N >= 1 and --resume CHECKPOINT")
     return args
 
 
@@ -82,8 +78,8 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    # No final Sigmoid: D returns a logit, and losses.py applies the sigmoid inside the BCE where needed
-    # (stable, and allowed under autocast); LSGAN and WGAN want the raw score (tutorial 4.2 LSGAN, 4.4).
+    # No final Sigmoid: D returns a logit; the BCE applies it inside (stable, allowed under autocast) and LSGAN and
+    # WGAN want the raw score (tutorial 4.2 LSGAN, 4.4).
     def __init__(self, dropout=0.3):
         super().__init__()
         self.net = nn.Sequential(
@@ -97,8 +93,7 @@ class Discriminator(nn.Module):
 
 
 def build_models(args):
-    # A WGAN critic must be one fixed function (its Lipschitz constant is what clipping or the penalty
-    # controls), so it gets no Dropout; BCE and LSGAN keep the tutorial's Dropout(0.3).
+    # A WGAN critic is one fixed function (clipping or the penalty bounds its slope): no Dropout; BCE, LSGAN keep 0.3.
     dropout = 0.0 if args.loss in ("wgan", "wgan-gp") else 0.3
     return Generator(args.latent_dim), Discriminator(dropout)
 
@@ -118,10 +113,9 @@ def load_fashion_mnist(root, train=True, debian_dir=DEBIAN_DIR):
     raw = Path(root) / "FashionMNIST" / "raw"
     try:
         for name in FILES:  # Debian's files are gzipped: unpack each once, whole or not at all
-            if not (raw / name).exists() and Path(debian_dir, name + ".gz").exists():
+            if not (raw / name).exists() and (gz := Path(debian_dir, name + ".gz")).exists():
                 raw.mkdir(parents=True, exist_ok=True)
-                unpacked = gzip.decompress(Path(debian_dir, name + ".gz").read_bytes())
-                write_atomically(raw / name, lambda f: f.write(unpacked))
+                write_atomically(raw / name, lambda f: f.write(gzip.decompress(gz.read_bytes())))
         if not all((raw / name).exists() for name in FILES):
             FashionMNIST(root, download=True)  # online: torchvision writes the four files into raw/
     except Exception as e:  # offline, or a damaged package
@@ -142,8 +136,7 @@ def d_step(D, opt_d, real, fake, loss, gp_weight=10.0, clip=0.01, amp=False):
     with torch.autocast(real.device.type, torch.bfloat16, enabled=amp):
         real_scores, fake_scores = D(real), D(fake)
         d_loss = discriminator_loss(loss, real_scores, fake_scores)
-    if loss == "wgan-gp":  # WGAN-GP, arXiv 1704.00028, Algorithm 1, line 7; if D is compiled, through its plain
-        # module (same weights): torch.compile has no double backward (pytorch issue 91469)
+    if loss == "wgan-gp":  # WGAN-GP, arXiv 1704.00028, Alg. 1 line 7; a compiled D: its plain module (issue 91469)
         d_loss = d_loss + gp_weight * gradient_penalty(getattr(D, "_orig_mod", D), real, fake)
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
@@ -167,9 +160,10 @@ def g_step(D, opt_g, fake, loss, amp=False):
 
 def make_optimizers(G, D, args, device):
     if args.loss == "wgan":  # WGAN, section 3: momentum-based optimizers made the critic unstable
-        return (torch.optim.RMSprop(G.parameters(), lr=args.lr), torch.optim.RMSprop(D.parameters(), lr=args.lr))
+        return torch.optim.RMSprop(G.parameters(), lr=args.lr), torch.optim.RMSprop(D.parameters(), lr=args.d_lr)
     fused = device.type in ("cuda", "cpu")  # one pass over all parameters, not one op per tensor
-    return tuple(torch.optim.Adam(m.parameters(), lr=args.lr, betas=args.betas, fused=fused) for m in (G, D))
+    return (torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas, fused=fused),
+            torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=args.betas, fused=fused))
 
 
 # -- What a run writes: sample grids, progress.gif, metrics.csv, losses.png, checkpoint.pt -------------
@@ -259,22 +253,33 @@ def how_to_continue(args, out, saved, epochs=None):
 
 
 def output_folder(args):
-    """Where this run writes. A fresh run never writes into another run's folder (numbered runs/<name>-2, ...)."""
-    base = Path("runs", default_run_name(args))
-    numbered = (Path(f"{base}-{k}") if k > 1 else base for k in range(1, 10**6))  # runs/<name>, runs/<name>-2, ...
-    out = Path(args.out) if args.out else Path(args.resume).parent if args.resume else next(
-        p for p in numbered if not p.exists() or not any(p.iterdir()))  # the first one free, or empty
+    """Where this run writes, and a lock on it held while the run lives (filelock: the OS frees it however the
+    process ends, SIGKILL included). Without --out: the first of runs/<name>, runs/<name>-2, ... that is free."""
+    given = Path(args.out) if args.out else Path(args.resume).parent if args.resume else None
+    base, others = Path("runs", default_run_name(args)), lambda d: {p.name for p in d.iterdir()} - {".lock", ".pid"}
+    for out in [given] if given else (Path(f"{base}-{k}") if k > 1 else base for k in range(1, 10**6)):
+        try:
+            if given or not (out.is_dir() and others(out)):  # a numbered folder with another run's files is skipped
+                out.mkdir(parents=True, exist_ok=True)
+                (lock := FileLock(out / ".lock")).acquire(timeout=0)
+                break
+        except Timeout:  # a live process holds it: a run training there (saved or not yet)
+            lock = None
+            if given and not args.generate:  # --generate writes only its own files: it may go on beside a live run
+                pid = (out / ".pid").read_text() if (out / ".pid").exists() else "unknown"
+                sys.exit(f"error: {out} is in use by another run (process {pid}); wait for it to end, or choose "
+                         f"another --out")
+        except OSError as e:
+            sys.exit(f"error: cannot write to {out} ({'a file, not a folder' if out.is_file() else e.strerror}); "
+                     f"choose another --out")
     held = out / "checkpoint.pt"
     if args.out and held.is_file() and not args.generate and not (args.resume and held.samefile(args.resume)):
-        epoch = load_checkpoint(held, SCRIPT, ("epoch",))["epoch"]
+        epoch, _ = load_checkpoint(held, SCRIPT, ("epoch",))["epoch"], lock.release()
         sys.exit(f"error: {out} holds a run: {how_to_continue(args, out, epoch, max(args.epochs, epoch + 1))}; "
                  f"or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: cannot write to {out} ({'a file, not a folder' if out.is_file() else e.strerror}); "
-                 f"choose another --out")
-    return out
+    if lock:
+        write_atomically(out / ".pid", lambda f: f.write(str(os.getpid()).encode()))  # names the holder to others
+    return out, lock
 
 
 def pick_device(name):
@@ -291,15 +296,14 @@ def main(argv=None):
     ckpt = args.resume and load_checkpoint(args.resume, SCRIPT, need)
     if ckpt:  # continue with the run's own settings; only these may change on resume:
         given = {k: getattr(args, k) for k in "epochs device data_root out sample_every amp resume generate".split()}
-        vars(args).update(ckpt["args"])
-        vars(args).update({k: v for k, v in given.items() if v is not None})
+        args = parse_args(["--loss", ckpt["args"]["loss"]])  # a flag newer than the checkpoint: its loss's default
+        vars(args).update({**ckpt["args"], **{k: v for k, v in given.items() if v is not None}})
         args.betas, args.out = tuple(args.betas) if args.betas else None, given["out"]
     args.data_root = args.data_root or "./data"
-    out = output_folder(args)
-    args.out = str(out)
     torch.manual_seed(args.seed)
     G, D = (m.to(device) for m in build_models(args))
     if args.generate:  # --generate N --resume PATH: samples and a latent walk from the checkpoint's G, no training
+        out, _ = output_folder(args)
         G.load_state_dict(ckpt["G"])
         images = sample(G, torch.randn(args.generate, args.latent_dim, device=device))
         write_atomically(out / "generated.pt", lambda f: torch.save(images, f))
@@ -323,7 +327,13 @@ def main(argv=None):
     steps_per_epoch = len(data) // B  # full batches; a different remainder is left out each epoch
     if steps_per_epoch == 0:
         sys.exit(f"error: --batch-size {B} is larger than the {len(data)} training images")
+    out, lock = output_folder(args)  # held until the loop ends: no other run writes there meanwhile
+    args.out = str(out)
     print(f"{SCRIPT}: {args.loss} on {device}, {len(data)} images, writing to {out}", flush=True)
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}  # an older PyTorch: unknown
+    if args.amp and device.type == "cpu" and caps and not any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16")):
+        print("warning: this CPU has no bf16 instructions (AVX-512 BF16, AMX), so PyTorch emulates bf16 and --amp makes "
+              "every step many times slower (22x on the README's AVX2 CPU); drop --amp. Going on as asked.", flush=True)
     stop = []  # Ctrl-C (SIGINT) or a job scheduler's SIGTERM lands here; the loop stops after the current step
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -378,10 +388,15 @@ def main(argv=None):
                 sys.exit(f"error: cannot write to {out} ({e.strerror or e}); {how_to_continue(args, out, epoch - 1)}")
             print(f"epoch {epoch}/{args.epochs}  D {d:.4f}  G {g:.4f}{f'  W {w:.4f}' if wgan else ''}  "
                   f"{seconds:.1f} s  {steps_per_epoch * B / seconds:.0f} img/s", flush=True)
+            if stop:  # the signal came while saving: this epoch is whole on disk, and the run stops here
+                print(f"interrupted by {signal.Signals(stop[0]).name} while saving epoch {epoch}/{args.epochs}; "
+                      f"{how_to_continue(args, out, epoch, max(args.epochs, epoch + 1))}", file=sys.stderr)
+                sys.exit(128 + stop[0])
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"error: out of {device.type} memory in epoch {epoch} at --batch-size {B}; try a smaller --batch-size"
                  f"{' or --width' if hasattr(args, 'width') else ''}; {how_to_continue(args, out, epoch - 1)}")
-    finally:
+    finally:  # the folder is free for others again (a process that ends any other way frees it too)
+        lock.release()
         for s, handler in previous.items():
             signal.signal(s, handler)
     print(f"done: samples, progress.gif, metrics.csv, losses.png and checkpoint.pt in {out}")

@@ -6,10 +6,13 @@ weight clipping, the detach in the D step, and both scripts end to end on tiny s
 The CUDA tests run where a CUDA GPU is; elsewhere they are skipped. GAN_TEST_GPU=cpu runs them on the CPU,
 to check the tests themselves on a machine without a GPU.
 """
+import contextlib
 import errno
 import gzip
+import io
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -321,9 +324,13 @@ def test_wgan_gp_d_step_adds_the_penalty():
     torch.manual_seed(1)
     with_gp, _ = module.d_step(D, opt_d, real, fake, "wgan-gp", gp_weight=10.0)
     _, _, _, D2, _, opt_d2, _, _ = step_setup("gan_fc", "wgan-gp", {})
+    _, _, _, D3, _, _, _, _ = step_setup("gan_fc", "wgan-gp", {})  # D before any step, for the penalty by hand
     torch.manual_seed(1)
     without, _ = module.d_step(D2, opt_d2, real, fake, "wgan-gp", gp_weight=0.0)
-    assert with_gp > without  # the penalty is non-negative and, at random init, far from zero
+    torch.manual_seed(1)  # the same interpolation weights a as inside d_step
+    penalty = losses.gradient_penalty(D3, real, fake)
+    assert penalty > 0.1  # at random init the critic's gradient norm is far from 1
+    torch.testing.assert_close(with_gp - without, 10.0 * penalty.detach(), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,7 +377,7 @@ def test_script_runs_end_to_end_and_writes_everything(script, loss, fake_data, t
     printed = capsys.readouterr().out
     assert "epoch 1/2" in printed and "epoch 2/2" in printed
     assert {p.name for p in out.iterdir()} == {"samples_epoch001.png", "samples_epoch002.png", "progress.gif",
-                                               "metrics.csv", "losses.png", "checkpoint.pt"}
+                                               "metrics.csv", "losses.png", "checkpoint.pt", ".lock", ".pid"}
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "epoch,d_loss,g_loss,wasserstein_estimate,seconds,images_per_sec"
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
@@ -420,16 +427,29 @@ def test_generate_writes_uint8_samples_from_the_checkpoint(script, fake_data, tm
     images = torch.load(tmp_path / "gen" / "generated.pt", weights_only=True)
     assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8
     assert images.float().std() > 0
+    module, ckpt = SCRIPTS[script], torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    args = module.parse_args(["--loss", "bce", "--seed", "0"] + (["--width", "8"] if script == "gan_conv" else []))
+    torch.manual_seed(0)  # as --generate: seed, build the models, then draw z
+    G, _ = module.build_models(args)
+    G.load_state_dict(ckpt["G"])
+    z = torch.randn(10, args.latent_dim)
+    assert torch.equal(images, module.sample(G, z))  # the checkpoint's trained G, not a fresh one
+    torch.manual_seed(0)
+    G_fresh, _ = module.build_models(args)
+    assert not torch.equal(images, module.sample(G_fresh, z))
     assert (tmp_path / "gen" / "generated.png").exists()
     assert not (tmp_path / "gen" / "checkpoint.pt").exists()  # trained nothing
 
 
 def test_both_scripts_take_the_same_flags():
     def flags(module):
-        return {s for a in module.build_parser()._actions for s in a.option_strings}
-    assert flags(gan_conv) - flags(gan_fc) == {"--disc", "--width"}
+        with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as text:
+            module.parse_args(["--help"])
+        assert e.value.code == 0
+        return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text.getvalue())) - {"--help"}
+    assert flags(gan_conv) - flags(gan_fc) == {"--disc", "--width", "--d-norm"}
     assert flags(gan_fc) <= flags(gan_conv)
-    for name in ("--loss", "--epochs", "--batch-size", "--latent-dim", "--lr", "--betas", "--n-critic", "--clip",
+    for name in ("--loss", "--epochs", "--batch-size", "--latent-dim", "--lr", "--d-lr", "--betas", "--n-critic", "--clip",
                  "--gp-weight", "--seed", "--device", "--data-root", "--out", "--sample-every", "--amp",
                  "--resume", "--generate"):
         assert name in flags(gan_fc)
@@ -630,6 +650,35 @@ def test_generator_of_one_image_covers_one_class(real_sets, tmp_path, fake_data)
     assert m["fid"] > 50
 
 
+def test_evaluate_command_line_prints_and_appends_the_rows_it_computes(fake_data, tmp_path):
+    import csv
+    import evaluate
+    gan_conv.main(tiny("gan_conv", fake_data, tmp_path / "run", "--epochs", "2", "--loss", "lsgan"))
+    ckpt, results = tmp_path / "run" / "checkpoint.pt", tmp_path / "results.csv"
+    cmd = [sys.executable, str(HERE / "evaluate.py"), "--data-root", str(fake_data), "--samples", "300",
+           "--results", str(results), "--device", "cpu"]
+    first = subprocess.run(cmd + ["--floor", str(ckpt)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert f"{ckpt} (gan_conv, lsgan, epoch 2)" in first.stdout and f"appended to {results}" in first.stdout
+    rows = list(csv.DictReader(open(results)))
+    assert [r["what"] for r in rows] == ["floor: 300 real training images", "noise: 300 uniform-noise images", str(ckpt)]
+    row = rows[2]
+    assert (row["script"], row["loss"], row["epoch"], row["samples"]) == ("gan_conv", "lsgan", "2", "300")
+    model = evaluate.load_classifier()  # the same numbers, computed here through the module
+    images, _ = evaluate.generate(ckpt, 300, 0, torch.device("cpu"))
+    test_features = evaluate.predict(model, gan_fc.load_fashion_mnist(fake_data, train=False)[0])[0]
+    m = evaluate.evaluate_images(model, images, test_features)
+    assert float(row["fid_fmnist"]) == pytest.approx(m["fid"], abs=2e-3)
+    assert int(row["classes_covered"]) == m["classes_covered"] and f"{m['fid']:.2f}" in first.stdout
+    assert sum(float(row[f"share_{c}"]) for c in evaluate.CLASSES) == pytest.approx(1, abs=1e-3)
+    second = subprocess.run(cmd + [str(ckpt)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and len(list(csv.DictReader(open(results)))) == 4  # appended, header once
+    assert results.read_text().count("when,what,") == 1 and float(list(csv.DictReader(open(results)))[3][
+        "fid_fmnist"]) == float(row["fid_fmnist"])  # seeded samples: the same score again
+    exits_with_one_line(evaluate.main, cmd[2:] + [tmp_path / "nope.pt"], f"cannot read checkpoint {tmp_path / 'nope.pt'}",
+                        "no such file")
+
+
 # ----------------------------------------------------------------------------------------------------
 # bench.py: both sides train, and the table has every row (speed itself is never asserted)
 # ----------------------------------------------------------------------------------------------------
@@ -703,15 +752,59 @@ def test_experiments_seeds_train_apart_and_a_cell_reads_median_and_range(fake_da
         experiments.main(["--seeds", "0", "0", "--skip-training"])
 
 
-def test_experiments_stopped_by_a_signal_says_the_same_command_continues(monkeypatch, tmp_path, capsys):
-    import experiments
+def experiments_cmd(fake_data, table, *cells, epochs=6):
+    return [sys.executable, str(HERE / "experiments.py"), "--out", str(table), "--fc-epochs", str(epochs),
+            "--data-root", str(fake_data), "--train-images", "256", "--samples", "256", "--only", *cells]
 
-    def interrupted_run(folder, epochs, cmd):
-        raise subprocess.CalledProcessError(130, cmd)  # what a run stopped by Ctrl-C returns
-    monkeypatch.setattr(experiments, "train", interrupted_run)
-    with pytest.raises(SystemExit) as e:
-        experiments.main(["--out", str(tmp_path), "--only", "fc_bce"])
-    assert e.value.code == 130 and "the same command continues" in capsys.readouterr().err
+
+def test_experiments_stopped_by_a_signal_says_the_same_command_continues(fake_data, tmp_path):
+    table = tmp_path / "table"
+    cmd = experiments_cmd(fake_data, table, "fc_bce", "fc_lsgan")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # Ctrl-C in a terminal signals the whole process group: experiments.py and the run it is waiting for.
+    proc = subprocess.Popen(cmd, cwd=HERE, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (table / "fc_bce" / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("experiments.py stopped; the same command continues: finished runs are "
+                                            "skipped, the stopped one resumes")
+    partial = torch.load(table / "fc_bce" / "checkpoint.pt", weights_only=True)
+    assert 1 <= partial["epoch"] < 6 and not (table / "fc_lsgan").exists()
+    again = subprocess.run(cmd, cwd=HERE, text=True, capture_output=True, timeout=300, env=env)  # the same command
+    assert again.returncode == 0, again.stderr
+    resumed = torch.load(table / "fc_bce" / "checkpoint.pt", weights_only=True)
+    assert resumed["epoch"] == 6 and resumed["history"][:partial["epoch"]] == partial["history"]  # resumed, not redone
+    assert torch.load(table / "fc_lsgan" / "checkpoint.pt", weights_only=True)["epoch"] == 6
+    done = {c: (table / c / "checkpoint.pt").read_bytes() for c in ("fc_bce", "fc_lsgan")}
+    third = subprocess.run(cmd, cwd=HERE, text=True, capture_output=True, timeout=300, env=env)
+    assert third.returncode == 0 and "writing to" not in third.stdout, third.stderr  # finished runs are skipped
+    assert done == {c: (table / c / "checkpoint.pt").read_bytes() for c in done}
+    assert "| FC G / FC D (a) | **" in (table / "table.md").read_text()
+
+
+def test_two_experiments_processes_share_a_table_and_train_each_cell_once(fake_data, tmp_path):
+    table, cells = tmp_path / "table", ("fc_bce", "fc_lsgan", "fc_wgan", "fc_wgan-gp")
+    cmd = experiments_cmd(fake_data, table, *cells, epochs=3)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(cmd, cwd=HERE, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    while not list(table.glob("*/.pid")) and first.poll() is None:  # the first has started its first run
+        time.sleep(0.01)
+    second = subprocess.Popen(cmd, cwd=HERE, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    outs = [p.communicate(timeout=300) for p in (first, second)]
+    assert first.returncode == second.returncode == 0, [err for _, err in outs]
+    trained = [[c for c in cells if f"writing to {table / c}\n" in out] for out, _ in outs]
+    assert sorted(trained[0] + trained[1]) == sorted(cells)  # every cell by one process: never twice, never missed
+    assert trained[0] and trained[1]  # both did some of the work
+    assert all(f"{table / c}: in use by another process" in outs[0][0] + outs[1][0] for c in trained[1][:1])
+    for c in cells:
+        ckpt = torch.load(table / c / "checkpoint.pt", weights_only=True)
+        assert ckpt["epoch"] == 3 and len(ckpt["history"]) == 3
+    row = next(line for line in (table / "table.md").read_text().splitlines() if line.startswith("| FC G / FC D (a)"))
+    assert row.count("**") == 8 and "not run" not in row  # the last to finish wrote the whole table
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -815,6 +908,105 @@ def test_an_interrupted_run_says_how_to_resume_and_resuming_gives_the_uninterrup
     assert a["epoch"] == b["epoch"] == 6 and [h["epoch"] for h in b["history"]] == list(range(1, 7))
     for part in ("G", "D"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def live_run(script, fake_data, cwd, *argv):
+    """A real training process, stopped (SIGSTOP) right after it printed its folder: it holds that folder and
+    has saved nothing yet (batch 1: its first epoch is 256 steps). SIGCONT lets it go on."""
+    argv = no_out(tiny(script, fake_data, "x", "--batch-size", "1", "--train-images", "256", *argv))
+    proc = subprocess.Popen([sys.executable, str(HERE / f"{script}.py"), *map(str, argv)], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    first = proc.stdout.readline()
+    proc.send_signal(signal.SIGSTOP)
+    assert "writing to" in first, first + proc.stderr.read()
+    return proc, Path(cwd, first.split("writing to ")[1].strip())
+
+
+def no_out(argv):
+    """tiny()'s flags without its --out: a fresh run then picks its own folder under runs/."""
+    return argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
+
+
+def in_cwd(cwd, script, *argv):
+    return subprocess.run([sys.executable, str(HERE / f"{script}.py"), *map(str, argv)], cwd=cwd, text=True,
+                          capture_output=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_runs_side_by_side_never_share_a_folder_and_a_folder_in_use_is_refused(script, fake_data, tmp_path):
+    name = "fc_bce" if script == "gan_fc" else "conv-w8_bce"
+    # 1. Two fresh runs of one command, the second started while the first has not yet saved: two folders.
+    first, folder = live_run(script, fake_data, tmp_path, "--epochs", "2", "--seed", "1")
+    assert folder == tmp_path / "runs" / name and not (folder / "checkpoint.pt").exists()
+    second = in_cwd(tmp_path, script, *no_out(tiny(script, fake_data, "x", "--epochs", "1", "--seed", "2")))
+    assert second.returncode == 0, second.stderr
+    assert f"writing to {Path('runs', name + '-2')}" in second.stdout
+    # 2. A fresh --out into the live run's folder, which holds no checkpoint yet: refused in one line.
+    before = files_of(folder)
+    refused = in_cwd(tmp_path, script, *tiny(script, fake_data, folder, "--epochs", "1"))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.strip() == (f"error: {folder} is in use by another run (process {first.pid}); wait for "
+                                      f"it to end, or choose another --out")
+    assert files_of(folder) == before
+    # 3. The live run goes on unharmed; once it has saved, a --resume of it is refused; --generate may go on.
+    first.send_signal(signal.SIGCONT)
+    while not (folder / "checkpoint.pt").exists() and first.poll() is None:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)
+    resume = ["--resume", folder / "checkpoint.pt", "--epochs", "3"]
+    refused = in_cwd(tmp_path, script, *resume)
+    assert refused.returncode == 1 and f"is in use by another run (process {first.pid})" in refused.stderr
+    generated = in_cwd(tmp_path, script, "--resume", folder / "checkpoint.pt", "--generate", "4")
+    assert generated.returncode == 0 and (folder / "generated.pt").exists(), generated.stderr
+    # 4. Killed outright (SIGKILL: no handler runs), it leaves no stale claim: the same --resume continues it.
+    first.kill()
+    first.communicate(timeout=60)
+    resumed = in_cwd(tmp_path, script, *resume)
+    assert resumed.returncode == 0, resumed.stderr
+    for run, seed in ((folder, 1), (tmp_path / "runs" / f"{name}-2", 2)):
+        ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+        assert ckpt["args"]["seed"] == seed and ckpt["epoch"] == (3 if seed == 1 else 1)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [name, f"{name}-2"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_signal_while_the_last_epoch_is_saved_says_it_is_saved_and_exits_non_zero(script, sig, code, fake_data,
+                                                                                    tmp_path, monkeypatch, capsys):
+    module = SCRIPTS[script]
+    real_write_metrics = module.write_metrics
+
+    def write_metrics_then_signal(history, out, loss):  # the signal lands between two of the epoch's writes
+        real_write_metrics(history, out, loss)
+        if history[-1]["epoch"] == 2:
+            os.kill(os.getpid(), sig)
+    monkeypatch.setattr(module, "write_metrics", write_metrics_then_signal)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        module.main(tiny(script, fake_data, tmp_path, "--epochs", "2"))
+    assert e.value.code == code
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2  # the save went on to the end
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"interrupted by {sig.name} while saving epoch 2/2; epoch 2 is saved in "
+                           f"{tmp_path / 'checkpoint.pt'}; continue with: python {script}.py --resume")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_amp_on_a_cpu_without_bf16_says_so_at_the_start_and_goes_on(script, fake_data, tmp_path, monkeypatch, capsys):
+    avx2 = {"architecture": "x86_64", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: avx2, raising=False)
+    SCRIPTS[script].main(tiny(script, fake_data, tmp_path / "plain", "--epochs", "1"))
+    assert "emulates" not in capsys.readouterr().out  # without --amp, nothing to say
+    SCRIPTS[script].main(tiny(script, fake_data, tmp_path / "amp", "--epochs", "1", "--amp"))
+    printed = capsys.readouterr().out.splitlines()
+    warning = [line for line in printed if "emulates" in line]
+    assert len(warning) == 1 and "no bf16 instructions" in warning[0] and "drop --amp" in warning[0]
+    assert printed.index(warning[0]) < next(i for i, line in enumerate(printed) if line.startswith("epoch 1/1"))
+    assert torch.load(tmp_path / "amp" / "checkpoint.pt", weights_only=True)["args"]["amp"] is True  # went on
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(avx2, avx512_bf16=True), raising=False)
+    SCRIPTS[script].main(tiny(script, fake_data, tmp_path / "bf16", "--epochs", "1", "--amp"))
+    assert "emulates" not in capsys.readouterr().out  # a CPU with bf16 instructions: nothing to warn of
 
 
 @pytest.mark.parametrize("as_torch_does", [False, True])
@@ -957,13 +1149,17 @@ def test_generate_writes_a_latent_walk_whose_rows_end_at_g_of_their_endpoints(sc
     G.load_state_dict(ckpt["G"])
     z = module.latent_walk(ckpt["args"]["latent_dim"], seed=0)
     assert z.shape == (80, ckpt["args"]["latent_dim"])
-    for row in range(8):
-        for col in (0, 9):
-            expected = module.sample(G, z[row * 10 + col:row * 10 + col + 1])[0, 0].numpy().astype(int)
-            got = walk[2 + row * 30:30 + row * 30, 2 + col * 30:30 + col * 30]
-            assert np.abs(got - expected).max() <= 1, (row, col)
     ends = torch.randn(2, 8, 1, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(0))
     assert torch.equal(z[::10], ends[0, :, 0]) and torch.equal(z[9::10], ends[1, :, 0])  # seeded: the same walk
+    for row in range(8):
+        for col in range(10):  # every step is G of the slerp between the row's two ends, at t = col / 9
+            step = module.slerp(ends[0, row], ends[1, row], torch.tensor(col / 9))
+            torch.testing.assert_close(z[row * 10 + col:row * 10 + col + 1], step, rtol=1e-5, atol=1e-5)
+            expected = module.sample(G, step)[0, 0].numpy().astype(int)
+            got = walk[2 + row * 30:30 + row * 30, 2 + col * 30:30 + col * 30]
+            assert np.abs(got - expected).max() <= 1, (row, col)
+    middle = walk[2:30, 2 + 4 * 30:30 + 4 * 30]  # not the mean of the ends' images: a point on the great circle
+    assert np.abs(middle - module.sample(G, (ends[0, 0] + ends[1, 0]) / 2)[0, 0].numpy()).max() > 1
 
 
 # ----------------------------------------------------------------------------------------------------
