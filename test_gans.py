@@ -1163,6 +1163,67 @@ def test_generate_writes_a_latent_walk_whose_rows_end_at_g_of_their_endpoints(sc
 
 
 # ----------------------------------------------------------------------------------------------------
+# The lessons: lesson.ipynb and lesson.zh-CN.ipynb, run top to bottom in a real Jupyter kernel
+# ----------------------------------------------------------------------------------------------------
+LESSONS = ("lesson.ipynb", "lesson.zh-CN.ipynb")
+
+
+def test_the_two_lessons_share_their_code_import_the_scripts_and_are_committed_without_outputs():
+    import nbformat
+    books = [nbformat.read(HERE / name, as_version=4) for name in LESSONS]
+    code = [[c.source for c in nb.cells if c.cell_type == "code"] for nb in books]
+    assert code[0] == code[1] and len(code[0]) >= 10  # the same code cells; only the prose is translated
+    text = "\n".join(code[0])
+    assert "from losses import" in text and "gan_fc.d_step(" in text and "gan_fc.g_step(" in text
+    assert "gan_conv.py --loss wgan-gp" in text and "evaluate.py" in text and "--generate" in text
+    defines = re.compile(r"class \w+\(|nn\.(Linear|Conv2d|ConvTranspose2d|Sequential|BCELoss)\(|binary_cross_entropy|"
+                         r"def \w*(loss|penalty|step|generator|discriminator|critic)\w*\(|autograd\.grad\(.*create_graph")
+    assert not [cell for cell in code[0] if defines.search(cell)]  # models, steps and losses come from the scripts
+    for nb in books:
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
+    headings = [[line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()
+                 if line.startswith("## ")] for nb in books]
+    assert len(headings[0]) == len(headings[1]) >= 8  # the same sections in both languages
+    assert any("生成器" in c.source for c in books[1].cells if c.cell_type == "markdown")
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not on this machine")
+def test_both_lessons_run_top_to_bottom_in_a_real_kernel_and_draw_their_pictures(tmp_path, monkeypatch):
+    import nbformat
+    from concurrent.futures import ThreadPoolExecutor
+    from nbclient import NotebookClient
+    monkeypatch.setenv("LESSON_QUICK", "1")  # every training cell tiny
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the two kernels run side by side, one core each
+
+    def run(name):
+        folder = tmp_path / name.split(".ipynb")[0]  # a fresh copy of the project, as a student's clone
+        folder.mkdir()
+        for f in ("gan_fc.py", "gan_conv.py", "losses.py", "evaluate.py", "fmnist_classifier.pt", "requirements.txt"):
+            shutil.copy(HERE / f, folder / f)
+        shutil.copytree(HERE / "assets", folder / "assets")
+        nb = nbformat.read(HERE / name, as_version=4)
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+        return nb, folder
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, LESSONS))
+    for nb, folder in results:
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert not [o for o in outputs if o.output_type == "error"]
+        images = [k for o in outputs if o.output_type == "display_data" for k in o.data if k.startswith("image/")]
+        assert images.count("image/png") >= 9 and images.count("image/gif") == 1, images  # every picture drawn
+        printed = "".join(o.text for o in outputs if o.output_type == "stream")
+        checks = [line.split(":")[-1].strip() for line in printed.split("after one d_step:")[1].split("Generator(")[0]
+                  .splitlines() if line.startswith("  ")]
+        assert checks == ["True"] * 6  # the detach checks of section 3, printed by the lesson itself
+        assert "slope of the non-saturating loss  -0.9975" in printed
+        assert "FID (FMNIST features)" in printed and "appended to" in printed  # evaluate.py's scores, inline
+        runs = sorted(p.name for p in (folder / "runs").iterdir())
+        assert len(runs) == 2 and all((folder / "runs" / r / "checkpoint.pt").exists() for r in runs)
+        assert (folder / "runs" / runs[-1] / "interpolation.png").exists() or (
+            folder / "runs" / runs[0] / "interpolation.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
 # On a CUDA GPU (skipped without one; GAN_TEST_GPU=cpu runs them on the CPU to check the tests)
 # ----------------------------------------------------------------------------------------------------
 GPU = os.environ.get("GAN_TEST_GPU", "cuda")
