@@ -1,7 +1,6 @@
 """A DCGAN on Fashion-MNIST: the tutorial's experiment (c), G and D both convolutional; (b) with --disc fc.
 
-    python gan_conv.py --loss wgan-gp --epochs 50     # --loss bce | lsgan | wgan | wgan-gp
-    python gan_conv.py --disc fc                      # experiment (b): conv G, fully-connected D
+    python gan_conv.py --loss wgan-gp --epochs 50     # --loss bce | lsgan | wgan | wgan-gp; --disc fc: (b)
 
 Reads top to bottom like the tutorial: arguments, models (2.2), data, one D and one G step (2.1), the loop, main().
 Below the models, gan_fc.py is the same word for word; the only module they share is losses.py (section 4).
@@ -71,9 +70,8 @@ def parse_args(argv=None):
 # -- Models (tutorial 2.2): G maps z to a 1x28x28 image in [-1, 1]; D maps an image to one raw score.
 class Generator(nn.Module):
     # DCGAN generator, no biases (BatchNorm follows). Real sizes 3/6/13/28; the tutorial's comments say 4/8/14/28.
-    def __init__(self, latent_dim=128, width=128):
+    def __init__(self, latent_dim=128, w=128):
         super().__init__()
-        w = width
         self.net = nn.Sequential(
             nn.ConvTranspose2d(latent_dim, 8 * w, 3, 1, 0, bias=False), nn.BatchNorm2d(8 * w), nn.ReLU(),  # 3x3
             nn.ConvTranspose2d(8 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),  # 6x6
@@ -85,8 +83,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    # DCGAN discriminator, no final Sigmoid: D returns a logit (as gan_fc.py's D, tutorial 4.2 LSGAN, 4.4).
-    # norm: "batch" (the tutorial's), "layer" (GroupNorm(1, c), per sample, for a gradient penalty), or "none".
+    # DCGAN discriminator returning a logit (no Sigmoid, as gan_fc.py's D); norm: batch, layer (GroupNorm(1, c)) or none.
     def __init__(self, width=128, norm="batch"):
         super().__init__()
         w, norm = width, {"batch": nn.BatchNorm2d, "layer": lambda c: nn.GroupNorm(1, c), "none": nn.Identity}[norm]
@@ -104,9 +101,8 @@ def build_models(args):
     G = Generator(args.latent_dim, args.width)
     if args.disc == "fc":  # experiment (b): gan_fc.py's D, logit out; no Dropout in a WGAN critic, which must be one
         p = 0.0 if args.loss in ("wgan", "wgan-gp") else 0.3  # fixed function (clipping or GP bounds its slope)
-        return G, nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 1024), nn.LeakyReLU(0.2), nn.Dropout(p),
-                                nn.Linear(1024, 512), nn.LeakyReLU(0.2), nn.Dropout(p), nn.Linear(512, 256),
-                                nn.LeakyReLU(0.2), nn.Linear(256, 1))
+        return G, nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.LeakyReLU(0.2), nn.Dropout(p), nn.Linear(1024, 512),
+                                nn.LeakyReLU(0.2), nn.Dropout(p), nn.Linear(512, 256), nn.LeakyReLU(0.2), nn.Linear(256, 1))
     return G, Discriminator(args.width, args.d_norm)
 
 
@@ -234,8 +230,7 @@ def write_metrics(history, out, loss):
     lines = [",".join(history[0])] + [",".join(map(str, row.values())) for row in history]
     write_atomically(out / "metrics.csv", lambda f: f.write(("\n".join(lines) + "\n").encode()))
     ax = Figure(figsize=(6, 3.8), layout="tight").subplots()
-    # For WGANs, the critic's estimate mean D(real) - mean D(fake) should fall as G improves (WGAN, section 4.2).
-    for key in ("d_loss", "g_loss") + (("wasserstein_estimate",) if loss in ("wgan", "wgan-gp") else ()):
+    for key in ("d_loss", "g_loss") + (("wasserstein_estimate",) if loss in ("wgan", "wgan-gp") else ()):  # WGAN, 4.2
         ax.plot([row["epoch"] for row in history], [row[key] for row in history], "o-", ms=3, label=key.replace("_", " "))
     ax.set(xlabel="epoch", ylabel="mean over the epoch", title=f"{loss}: losses")
     ax.legend()
@@ -265,22 +260,19 @@ def how_to_continue(args, out, saved, epochs=None):
 
 
 def output_folder(args):
-    """Where this run writes, and a lock on it held while the run lives (filelock: the OS frees it however the
-    process ends, SIGKILL included). Without --out: the first of runs/<name>, runs/<name>-2, ... that is free."""
+    """Where this run writes, held while the run lives; without --out the first free runs/<name>, runs/<name>-2, ..."""
     given = Path(args.out) if args.out else Path(args.resume).parent if args.resume else None
     base, others = Path("runs", default_run_name(args)), lambda d: {p.name for p in d.iterdir()} - {".lock", ".pid"}
     for out in [given] if given else (Path(f"{base}-{k}") if k > 1 else base for k in range(1, 10**6)):
         try:
             if given or not (out.is_dir() and others(out)):  # a numbered folder with another run's files is skipped
                 out.mkdir(parents=True, exist_ok=True)
-                (lock := FileLock(out / ".lock")).acquire(timeout=0)
+                (lock := FileLock(out / ".lock")).acquire(timeout=0)  # the OS frees it however the process ends
                 break
-        except Timeout:  # a live process holds it: a run training there (saved or not yet)
-            lock = None
+        except Timeout:  # a live process holds it: a run training there, saved or not yet
             if given and not args.generate:  # --generate writes only its own files: it may go on beside a live run
                 pid = (out / ".pid").read_text() if (out / ".pid").exists() else "unknown"
-                sys.exit(f"error: {out} is in use by another run (process {pid}); wait for it to end, or choose "
-                         f"another --out")
+                sys.exit(f"error: {out} is in use by another run (process {pid}): wait for it, or choose another --out")
         except OSError as e:
             sys.exit(f"error: cannot write to {out} ({'a file, not a folder' if out.is_file() else e.strerror}); "
                      f"choose another --out")
@@ -289,7 +281,7 @@ def output_folder(args):
         epoch, _ = load_checkpoint(held, SCRIPT, ("epoch",))["epoch"], lock.release()
         sys.exit(f"error: {out} holds a run: {how_to_continue(args, out, epoch, max(args.epochs, epoch + 1))}; "
                  f"or choose another --out")
-    if lock:
+    if lock.is_locked:  # not when --generate goes on beside a live run
         write_atomically(out / ".pid", lambda f: f.write(str(os.getpid()).encode()))  # names the holder to others
     return out, lock
 
@@ -344,8 +336,7 @@ def main(argv=None):
     print(f"{SCRIPT}: {args.loss} on {device}, {len(data)} images, writing to {out}", flush=True)
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}  # an older PyTorch: unknown
     if args.amp and device.type == "cpu" and caps and not any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16")):
-        print("warning: this CPU has no bf16 instructions (AVX-512 BF16, AMX), so PyTorch emulates bf16 and --amp makes "
-              "every step many times slower (22x on the README's AVX2 CPU); drop --amp. Going on as asked.", flush=True)
+        print("warning: this CPU has no bf16 instructions, so PyTorch emulates bf16 and --amp is much slower; drop --amp")
     stop = []  # Ctrl-C (SIGINT) or a job scheduler's SIGTERM lands here; the loop stops after the current step
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
