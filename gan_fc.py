@@ -28,7 +28,6 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="(default per loss: 128, the tutorial's; wgan 64)")
     p.add_argument("--latent-dim", type=int, default=100, help="size of the noise vector z (default: 100)")
     p.add_argument("--lr", type=float, help="(default per loss: bce, lsgan 2e-4; wgan, wgan-gp 1e-4)")
-    p.add_argument("--d-lr", type=float, help="D's (the critic's) own lr, two time-scale rule (default: --lr)")
     p.add_argument("--betas", type=float, nargs=2, help="Adam's (default per loss: 0.5 0.999; wgan-gp 0.0 0.9)")
     p.add_argument("--n-critic", type=int, help="critic steps per G step (default per loss: 1; 5 for WGANs)")
     p.add_argument("--clip", type=float, help="wgan: clip critic weights to [-c, c] (default 0.01)")
@@ -52,14 +51,15 @@ def parse_args(argv=None):
         p.error("--betas is for Adam; --loss wgan trains with RMSprop (WGAN paper, section 3)")
     for name, value in zip("lr betas n_critic batch_size clip gp_weight".split(), (*defaults[args.loss], 0.01, 10.0)):
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    args.betas, args.d_lr = tuple(args.betas) if args.betas else None, args.d_lr or args.lr
+    args.betas = tuple(args.betas) if args.betas else None
     for name in ("epochs", "batch_size", "latent_dim", "n_critic", "sample_every", "train_images"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if min(args.lr, args.d_lr, args.clip) <= 0 or args.gp_weight < 0:
-        p.error("--lr, --d-lr and --clip must be positive and --gp-weight not negative")
+    if args.lr <= 0 or args.clip <= 0 or args.gp_weight < 0:
+        p.error("--lr and --clip must be positive and --gp-weight not negative")
     if args.generate is not None and (args.generate < 1 or not args.resume):
         p.error("--generate N needs N >= 1 and --resume CHECKPOINT")
+    args.name = f"fc_{args.loss}"  # the default folder, runs/<name>
     return args
 
 
@@ -97,9 +97,6 @@ def build_models(args):
     dropout = 0.0 if args.loss in ("wgan", "wgan-gp") else 0.3
     return Generator(args.latent_dim), Discriminator(dropout)
 
-
-def default_run_name(args):
-    return f"fc_{args.loss}"
 
 
 # -- Data: the whole training set as one uint8 tensor on the device; no DataLoader, no per-image transforms.
@@ -160,10 +157,9 @@ def g_step(D, opt_g, fake, loss, amp=False):
 
 def make_optimizers(G, D, args, device):
     if args.loss == "wgan":  # WGAN, section 3: momentum-based optimizers made the critic unstable
-        return torch.optim.RMSprop(G.parameters(), lr=args.lr), torch.optim.RMSprop(D.parameters(), lr=args.d_lr)
+        return (torch.optim.RMSprop(G.parameters(), lr=args.lr), torch.optim.RMSprop(D.parameters(), lr=args.lr))
     fused = device.type in ("cuda", "cpu")  # one pass over all parameters, not one op per tensor
-    return (torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas, fused=fused),
-            torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=args.betas, fused=fused))
+    return tuple(torch.optim.Adam(m.parameters(), lr=args.lr, betas=args.betas, fused=fused) for m in (G, D))
 
 
 # -- What a run writes: sample grids, progress.gif, metrics.csv, losses.png, checkpoint.pt -------------
@@ -254,7 +250,7 @@ def how_to_continue(args, out, saved, epochs=None):
 def output_folder(args):
     """Where this run writes, held while the run lives; without --out the first free runs/<name>, runs/<name>-2, ..."""
     given = Path(args.out) if args.out else Path(args.resume).parent if args.resume else None
-    base, others = Path("runs", default_run_name(args)), lambda d: {p.name for p in d.iterdir()} - {".lock", ".pid"}
+    base, others = Path("runs", args.name), lambda d: {p.name for p in d.iterdir()} - {".lock", ".pid"}
     for out in [given] if given else (Path(f"{base}-{k}") if k > 1 else base for k in range(1, 10**6)):
         try:
             if given or not (out.is_dir() and others(out)):  # a numbered folder with another run's files is skipped

@@ -449,7 +449,7 @@ def test_both_scripts_take_the_same_flags():
         return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text.getvalue())) - {"--help"}
     assert flags(gan_conv) - flags(gan_fc) == {"--disc", "--width", "--d-norm"}
     assert flags(gan_fc) <= flags(gan_conv)
-    for name in ("--loss", "--epochs", "--batch-size", "--latent-dim", "--lr", "--d-lr", "--betas", "--n-critic", "--clip",
+    for name in ("--loss", "--epochs", "--batch-size", "--latent-dim", "--lr", "--betas", "--n-critic", "--clip",
                  "--gp-weight", "--seed", "--device", "--data-root", "--out", "--sample-every", "--amp",
                  "--resume", "--generate"):
         assert name in flags(gan_fc)
@@ -671,8 +671,8 @@ def test_evaluate_command_line_prints_and_appends_the_rows_it_computes(fake_data
     assert float(row["fid_fmnist"]) == pytest.approx(m["fid"], abs=2e-3)
     assert int(row["classes_covered"]) == m["classes_covered"] and f"{m['fid']:.2f}" in first.stdout
     assert sum(float(row[f"share_{c}"]) for c in evaluate.CLASSES) == pytest.approx(1, abs=1e-3)
-    second = subprocess.run(cmd + [str(ckpt)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and len(list(csv.DictReader(open(results)))) == 4  # appended, header once
+    evaluate.main(cmd[2:] + [str(ckpt)])  # the same command line, in this process
+    assert len(list(csv.DictReader(open(results)))) == 4  # appended, header once
     assert results.read_text().count("when,what,") == 1 and float(list(csv.DictReader(open(results)))[3][
         "fid_fmnist"]) == float(row["fid_fmnist"])  # seeded samples: the same score again
     exits_with_one_line(evaluate.main, cmd[2:] + [tmp_path / "nope.pt"], f"cannot read checkpoint {tmp_path / 'nope.pt'}",
@@ -757,7 +757,7 @@ def experiments_cmd(fake_data, table, *cells, epochs=6):
             "--data-root", str(fake_data), "--train-images", "256", "--samples", "256", "--only", *cells]
 
 
-def test_experiments_stopped_by_a_signal_says_the_same_command_continues(fake_data, tmp_path):
+def test_experiments_stopped_by_a_signal_says_the_same_command_continues(fake_data, tmp_path, capsys):
     table = tmp_path / "table"
     cmd = experiments_cmd(fake_data, table, "fc_bce", "fc_lsgan")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -780,8 +780,9 @@ def test_experiments_stopped_by_a_signal_says_the_same_command_continues(fake_da
     assert resumed["epoch"] == 6 and resumed["history"][:partial["epoch"]] == partial["history"]  # resumed, not redone
     assert torch.load(table / "fc_lsgan" / "checkpoint.pt", weights_only=True)["epoch"] == 6
     done = {c: (table / c / "checkpoint.pt").read_bytes() for c in ("fc_bce", "fc_lsgan")}
-    third = subprocess.run(cmd, cwd=HERE, text=True, capture_output=True, timeout=300, env=env)
-    assert third.returncode == 0 and "writing to" not in third.stdout, third.stderr  # finished runs are skipped
+    import experiments
+    experiments.main(cmd[2:])  # in this process: the finished runs are skipped, nothing trains
+    assert "writing to" not in capsys.readouterr().out
     assert done == {c: (table / c / "checkpoint.pt").read_bytes() for c in done}
     assert "| FC G / FC D (a) | **" in (table / "table.md").read_text()
 
@@ -927,26 +928,21 @@ def no_out(argv):
     return argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
 
 
-def in_cwd(cwd, script, *argv):
-    return subprocess.run([sys.executable, str(HERE / f"{script}.py"), *map(str, argv)], cwd=cwd, text=True,
-                          capture_output=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_runs_side_by_side_never_share_a_folder_and_a_folder_in_use_is_refused(script, fake_data, tmp_path):
-    name = "fc_bce" if script == "gan_fc" else "conv-w8_bce"
+def test_runs_side_by_side_never_share_a_folder_and_a_folder_in_use_is_refused(script, fake_data, tmp_path,
+                                                                              monkeypatch, capsys):
+    main, name = SCRIPTS[script].main, "fc_bce" if script == "gan_fc" else "conv-w8_bce"
+    monkeypatch.chdir(tmp_path)  # this process is the second one, beside a real training process
     # 1. Two fresh runs of one command, the second started while the first has not yet saved: two folders.
     first, folder = live_run(script, fake_data, tmp_path, "--epochs", "2", "--seed", "1")
     assert folder == tmp_path / "runs" / name and not (folder / "checkpoint.pt").exists()
-    second = in_cwd(tmp_path, script, *no_out(tiny(script, fake_data, "x", "--epochs", "1", "--seed", "2")))
-    assert second.returncode == 0, second.stderr
-    assert f"writing to {Path('runs', name + '-2')}" in second.stdout
+    main(no_out(tiny(script, fake_data, "x", "--epochs", "1", "--seed", "2")))
+    assert f"writing to {Path('runs', name + '-2')}" in capsys.readouterr().out
     # 2. A fresh --out into the live run's folder, which holds no checkpoint yet: refused in one line.
     before = files_of(folder)
-    refused = in_cwd(tmp_path, script, *tiny(script, fake_data, folder, "--epochs", "1"))
-    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
-    assert refused.stderr.strip() == (f"error: {folder} is in use by another run (process {first.pid}): wait for "
-                                      f"it, or choose another --out")
+    exits_with_one_line(main, tiny(script, fake_data, folder, "--epochs", "1"),
+                        f"error: {folder} is in use by another run (process {first.pid}): wait for it, or choose "
+                        f"another --out")
     assert files_of(folder) == before
     # 3. The live run goes on unharmed; once it has saved, a --resume of it is refused; --generate may go on.
     first.send_signal(signal.SIGCONT)
@@ -954,15 +950,13 @@ def test_runs_side_by_side_never_share_a_folder_and_a_folder_in_use_is_refused(s
         time.sleep(0.01)
     first.send_signal(signal.SIGSTOP)
     resume = ["--resume", folder / "checkpoint.pt", "--epochs", "3"]
-    refused = in_cwd(tmp_path, script, *resume)
-    assert refused.returncode == 1 and f"is in use by another run (process {first.pid})" in refused.stderr
-    generated = in_cwd(tmp_path, script, "--resume", folder / "checkpoint.pt", "--generate", "4")
-    assert generated.returncode == 0 and (folder / "generated.pt").exists(), generated.stderr
+    exits_with_one_line(main, resume, f"is in use by another run (process {first.pid})")
+    main(["--resume", str(folder / "checkpoint.pt"), "--generate", "4"])
+    assert (folder / "generated.pt").exists()
     # 4. Killed outright (SIGKILL: no handler runs), it leaves no stale claim: the same --resume continues it.
     first.kill()
     first.communicate(timeout=60)
-    resumed = in_cwd(tmp_path, script, *resume)
-    assert resumed.returncode == 0, resumed.stderr
+    main([str(a) for a in resume])
     for run, seed in ((folder, 1), (tmp_path / "runs" / f"{name}-2", 2)):
         ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
         assert ckpt["args"]["seed"] == seed and ckpt["epoch"] == (3 if seed == 1 else 1)
