@@ -288,10 +288,8 @@ def main(argv=None):
     ckpt = args.resume and load_checkpoint(args.resume, SCRIPT, need)
     if ckpt:  # continue with the run's own settings; only these may change on resume:
         given = {k: getattr(args, k) for k in "epochs device data_root out sample_every amp resume generate".split()}
-        args = parse_args(["--loss", ckpt["args"]["loss"]])  # a flag newer than the checkpoint: its loss's default
         vars(args).update({**ckpt["args"], **{k: v for k, v in given.items() if v is not None}})
         args.betas, args.out = tuple(args.betas) if args.betas else None, given["out"]
-    args.data_root = args.data_root or "./data"
     torch.manual_seed(args.seed)
     G, D = (m.to(device) for m in build_models(args))
     if args.generate:  # --generate N --resume PATH: samples and a latent walk from the checkpoint's G, no training
@@ -312,7 +310,7 @@ def main(argv=None):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         if start >= args.epochs:
             sys.exit(f"error: {args.resume} has already trained {start} epochs; ask for more with --epochs")
-    data = load_fashion_mnist(args.data_root)[0][:args.train_images].to(device)
+    data = load_fashion_mnist(args.data_root or "./data")[0][:args.train_images].to(device)
     # The same noise every time (its own seeded generator), so grids from different epochs compare.
     fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     B, wgan = args.batch_size, args.loss in ("wgan", "wgan-gp")
@@ -336,11 +334,10 @@ def main(argv=None):
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None)
             for i in bar:
                 real = data[perm[i * B:(i + 1) * B]].float() / 127.5 - 1  # [-1, 1], as the tutorial's Normalize
-                z = torch.randn(B, args.latent_dim, device=device)
                 g_turn = (step + 1) % args.n_critic == 0  # G steps once every n_critic critic steps
                 # One G forward serves both steps: D sees it detached, and G's step reuses it with its graph.
                 with torch.set_grad_enabled(g_turn), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                    fake = G(z)
+                    fake = G(torch.randn(B, args.latent_dim, device=device))
                 d_loss, w_est = d_step(D, opt_d, real, fake, args.loss, args.gp_weight, args.clip, args.amp)
                 sums[:2] += torch.stack([d_loss, w_est])
                 if g_turn:
