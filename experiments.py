@@ -59,7 +59,7 @@ def main(argv=None):
                 if not (args.skip_training or (args.only and name not in args.only)):
                     extra = data if "bench.py" in cmd[1] else flags  # bench.py's tutorial loop trains on all images
                     if not train(folders[seed], epochs, cmd + extra + ["--seed", str(seed)]):
-                        elsewhere.append(folders[seed])
+                        elsewhere.append((folders[seed], epochs))
     except (KeyboardInterrupt, subprocess.CalledProcessError) as e:  # the run itself has said why, in its line
         print("experiments.py stopped; the same command continues: finished runs are skipped, the stopped one "
               "resumes", file=sys.stderr)
@@ -70,8 +70,9 @@ def main(argv=None):
                               if (f / "checkpoint.pt").exists()], data + ["--samples", str(args.samples)])
         write_table(out, cells, rows)
         draw(out, {k: first_seed(c[1]) for k, c in cells.items() if k[0] in ARCHS and first_seed(c[1])})
-    if elsewhere:
-        print(f"{len(elsewhere)} run(s) were training in another process ({', '.join(map(str, elsewhere))}): the "
+    elsewhere = [f for f, n in elsewhere if not (f / "checkpoint.pt").exists() or load(f / "checkpoint.pt")["epoch"] < n]
+    if elsewhere:  # still training in another process as the table was written
+        print(f"{len(elsewhere)} run(s) still training in another process ({', '.join(map(str, elsewhere))}): the "
               f"table has what had finished; the process that finishes last writes it whole")
 
 
