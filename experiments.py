@@ -70,7 +70,7 @@ def main(argv=None):
                               if (f / "checkpoint.pt").exists()], data + ["--samples", str(args.samples)])
         write_table(out, cells, rows)
         draw(out, {k: first_seed(c[1]) for k, c in cells.items() if k[0] in ARCHS and first_seed(c[1])})
-    elsewhere = [f for f, n in elsewhere if not (f / "checkpoint.pt").exists() or load(f / "checkpoint.pt")["epoch"] < n]
+    elsewhere = [f for f, n in elsewhere if epochs_done(f) < n]
     if elsewhere:  # still training in another process as the table was written
         print(f"{len(elsewhere)} run(s) still training in another process ({', '.join(map(str, elsewhere))}): the "
               f"table has what had finished; the process that finishes last writes it whole")
@@ -106,6 +106,11 @@ def load(checkpoint):
     return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
 
 
+def epochs_done(folder):
+    """How many epochs the run in folder has saved (0 before its first checkpoint)."""
+    return load(folder / "checkpoint.pt")["epoch"] if (folder / "checkpoint.pt").exists() else 0
+
+
 def claim(path):
     """A lock on path held by this process, or None if another process holds it. The OS frees a lock however
     its process ends, so a killed experiments.py leaves no stale claim."""
@@ -129,10 +134,9 @@ def train(folder, epochs, cmd):
         return False
     script.release()  # the script takes it itself, while this process keeps its claim on the run
     try:
-        ckpt = folder / "checkpoint.pt"
-        done = load(ckpt)["epoch"] if ckpt.exists() else 0
+        done = epochs_done(folder)
         if done < epochs:
-            resume = ["--resume", str(ckpt)] if done else []
+            resume = ["--resume", str(folder / "checkpoint.pt")] if done else []
             subprocess.run(cmd + ["--out", str(folder)] + resume, check=True)
         return True
     finally:

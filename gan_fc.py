@@ -98,7 +98,6 @@ def build_models(args):
     return Generator(args.latent_dim), Discriminator(dropout)
 
 
-
 # -- Data: the whole training set as one uint8 tensor on the device; no DataLoader, no per-image transforms.
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -266,7 +265,8 @@ def output_folder(args):
                      f"choose another --out")
     held = out / "checkpoint.pt"
     if args.out and held.is_file() and not args.generate and not (args.resume and held.samefile(args.resume)):
-        epoch, _ = load_checkpoint(held, SCRIPT, ("epoch",))["epoch"], lock.release()
+        lock.release()  # refused: the folder stays free for its own run's --resume
+        epoch = load_checkpoint(held, SCRIPT, ("epoch",))["epoch"]
         sys.exit(f"error: {out} holds a run: {how_to_continue(args, out, epoch, max(args.epochs, epoch + 1))}; "
                  f"or choose another --out")
     if lock.is_locked:  # not when --generate goes on beside a live run

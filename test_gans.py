@@ -943,7 +943,7 @@ def no_out(argv):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_runs_side_by_side_never_share_a_folder_and_a_folder_in_use_is_refused(script, fake_data, tmp_path,
-                                                                              monkeypatch, capsys):
+                                                                               monkeypatch, capsys):
     main, name = SCRIPTS[script].main, "fc_bce" if script == "gan_fc" else "conv-w8_bce"
     monkeypatch.chdir(tmp_path)  # this process is the second one, beside a real training process
     # 1. Two fresh runs of one command, the second started while the first has not yet saved: two folders.
