@@ -70,9 +70,9 @@ def main(argv=None):
                               if (f / "checkpoint.pt").exists()], data + ["--samples", str(args.samples)])
         write_table(out, cells, rows)
         draw(out, {k: first_seed(c[1]) for k, c in cells.items() if k[0] in ARCHS and first_seed(c[1])})
-    elsewhere = [f for f, n in elsewhere if epochs_done(f) < n]
-    if elsewhere:  # still training in another process as the table was written
-        print(f"{len(elsewhere)} run(s) still training in another process ({', '.join(map(str, elsewhere))}): the "
+    still = [folder for folder, epochs in elsewhere if epochs_done(folder) < epochs]
+    if still:  # still training in another process as the table was written
+        print(f"{len(still)} run(s) still training in another process ({', '.join(map(str, still))}): the "
               f"table has what had finished; the process that finishes last writes it whole")
 
 

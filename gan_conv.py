@@ -162,7 +162,7 @@ def g_step(D, opt_g, fake, loss, amp=False):
 
 def make_optimizers(G, D, args, device):
     if args.loss == "wgan":  # WGAN, section 3: momentum-based optimizers made the critic unstable
-        return (torch.optim.RMSprop(G.parameters(), lr=args.lr), torch.optim.RMSprop(D.parameters(), lr=args.lr))
+        return tuple(torch.optim.RMSprop(m.parameters(), lr=args.lr) for m in (G, D))
     fused = device.type in ("cuda", "cpu")  # one pass over all parameters, not one op per tensor
     return tuple(torch.optim.Adam(m.parameters(), lr=args.lr, betas=args.betas, fused=fused) for m in (G, D))
 
@@ -325,10 +325,10 @@ def main(argv=None):
         sys.exit(f"error: --batch-size {B} is larger than the {len(data)} training images")
     out, lock = output_folder(args)  # held until the loop ends: no other run writes there meanwhile
     args.out = str(out)
-    print(f"{SCRIPT}: {args.loss} on {device}, {len(data)} images, writing to {out}", flush=True)
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}  # an older PyTorch: unknown
     if args.amp and device.type == "cpu" and caps and not any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16")):
         print("warning: this CPU has no bf16 instructions, so PyTorch emulates bf16 and --amp is much slower; drop --amp")
+    print(f"{SCRIPT}: {args.loss} on {device}, {len(data)} images, writing to {out}", flush=True)  # out now, warning too
     stop = []  # Ctrl-C (SIGINT) or a job scheduler's SIGTERM lands here; the loop stops after the current step
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
