@@ -188,7 +188,8 @@ def train_tutorial(args, data):
         module.save_grid(module.sample(step.generator, fixed_z), out / f"samples_epoch{epoch:03d}.png")
     state = dict(script=module.SCRIPT, epoch=args.tutorial_epochs, args=vars(step.args), G=step.generator.state_dict(),
                  history=history)
-    module.write_atomically(out / "checkpoint.pt", lambda f: torch.save(state, f))
+    with module.write_atomically(out / "checkpoint.pt") as f:
+        torch.save(state, f)
     print(f"wrote {out}/checkpoint.pt: python evaluate.py {out}/checkpoint.pt")
 
 

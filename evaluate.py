@@ -3,6 +3,7 @@
     python evaluate.py runs/fc_bce/checkpoint.pt [more checkpoints ...]   # any checkpoint of either script
     python evaluate.py --floor               # the same numbers for real images (the floor) and for noise
     python evaluate.py --train-classifier    # retrain fmnist_classifier.pt (deterministic, ~5 min on a CPU)
+    python evaluate.py --pretrained pretrained/fc_bce.pt runs/fc_bce/checkpoint.pt  # ship a run's G
 
 Inception-FID needs weights that cannot be downloaded offline and is a poor fit for 28x28 grayscale, so
 the features are the 128-d penultimate layer of a small CNN trained on the 60k Fashion-MNIST training
@@ -154,6 +155,7 @@ def evaluate_images(model, images, test_features, device=None):
 
 def generate(checkpoint, n, seed, device):
     """n uint8 samples from a checkpoint of gan_fc.py or gan_conv.py, G in eval mode, seeded noise."""
+    gan_fc.check_listed_sum(checkpoint)  # a pretrained file: the sum SHA256SUMS gives it
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)  # read once; runs no code
     except Exception as e:  # the same words as the scripts' load_checkpoint
@@ -168,6 +170,70 @@ def generate(checkpoint, n, seed, device):
     G.load_state_dict(ckpt["G"])
     z = torch.randn(n, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(seed))
     return module.sample(G.to(device), z.to(device)), ckpt
+
+
+def command_of(script, settings):
+    """The command line that trains a run with these settings: the flags that differ from the defaults
+    (the architecture's first; --epochs always), never where the run wrote or read."""
+    module = {"gan_fc": gan_fc, "gan_conv": gan_conv}[script]
+    defaults = vars(module.parse_args(["--loss", settings["loss"]]))  # that loss's defaults
+    defaults["loss"] = module.DEFAULTS["loss"]
+    first = ["loss", "disc", "width"]
+    order = first + [name for name in defaults if name not in first]
+    skip = ("out", "resume", "generate", "given", "data_root", "device", "name")
+    words = [f"python {script}.py"]
+    for name in order:
+        if name in skip or name not in settings:
+            continue
+        value = settings[name]
+        if value == defaults[name] and name != "epochs":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, (tuple, list)):
+            words.append(flag + "".join(f" {v:g}" for v in value))
+        elif isinstance(value, float):
+            words.append(f"{flag} {value:g}")
+        else:
+            words.append(f"{flag} {value}")
+    return " ".join(words)
+
+
+def export_pretrained(checkpoint, path, samples, seed, data_root, device):
+    """A run's G as a small file for pretrained/: fp16 weights, the run's settings, epoch and command, and
+    the scores of this very file (fp16 weights loaded into the fp32 model), its SHA-256 in SHA256SUMS."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "D" not in ckpt or ckpt.get("script") not in ("gan_fc", "gan_conv"):
+        sys.exit(f"error: {checkpoint} is not a training checkpoint of gan_fc.py or gan_conv.py")
+    module = {"gan_fc": gan_fc, "gan_conv": gan_conv}[ckpt["script"]]
+    settings = {k: v for k, v in ckpt["args"].items() if k not in ("out", "resume", "generate", "given")}
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["G"].items()}
+    shipped = dict(script=ckpt["script"], args=settings, epoch=ckpt["epoch"], G=weights,
+                   command=command_of(ckpt["script"], settings))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sums = path.parent / "SHA256SUMS"
+    lines = [line for line in (sums.read_text().splitlines() if sums.exists() else [])
+             if Path(line.partition("  ")[2]).name != path.name]  # the old sum of this file goes
+    sums.write_text("".join(line + "\n" for line in lines))
+    for _ in range(2):  # once to score the file itself, once more with its scores in it
+        with module.write_atomically(path) as f:
+            torch.save(shipped, f)
+        model = load_classifier()
+        test_features = predict(model, gan_fc.load_fashion_mnist(data_root, train=False)[0], device=device)[0]
+        images, _ = generate(path, samples, seed, device)
+        m = evaluate_images(model, images, test_features, device)
+        shipped["scores"] = {"fid_fmnist": round(m["fid"], 3), "classes_covered": m["classes_covered"],
+                             "kl_to_uniform": round(m["kl_to_uniform"], 4), "sharpness": round(m["sharpness"], 3),
+                             "samples": samples, "seed": seed,
+                             "command": f"python evaluate.py --samples {samples} --seed {seed} {path}"}
+    with module.write_atomically(path) as f:
+        torch.save(shipped, f)
+    lines.append(f"{file_sha256(path)}  {path}")
+    sums.write_text("".join(line + "\n" for line in sorted(lines, key=lambda line: line.split("  ")[1])))
+    report(f"{path} ({shipped['command']}, epoch {shipped['epoch']}, {path.stat().st_size / 1e6:.2f} MB)", m)
+    print(f"wrote {path} and its line in {sums}")
 
 
 def report(name, m):
@@ -194,6 +260,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the samples' noise (default: 0)")
     p.add_argument("--floor", action="store_true", help="score 10k real training images and uniform noise")
     p.add_argument("--train-classifier", action="store_true", help="retrain fmnist_classifier.pt")
+    p.add_argument("--pretrained", metavar="FILE", help="write the one checkpoint's G, fp16, with its scores, to "
+                   "FILE (for pretrained/), and its SHA-256 to SHA256SUMS beside it")
     p.add_argument("--data-root", default="./data", help="(default: ./data)")
     p.add_argument("--results", default="results.csv", help="file the rows are appended to (default: results.csv)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
@@ -207,6 +275,11 @@ def main(argv=None):
     if not args.floor and not args.checkpoints:
         p.error("name checkpoints to evaluate, or --floor, or --train-classifier")
     device = gan_fc.pick_device(args.device)
+    if args.pretrained:
+        if len(args.checkpoints) != 1:
+            p.error("--pretrained FILE takes one checkpoint")
+        export_pretrained(args.checkpoints[0], args.pretrained, args.samples, args.seed, args.data_root, device)
+        return
     model = load_classifier()
     test_features = predict(model, gan_fc.load_fashion_mnist(args.data_root, train=False)[0], device=device)[0]
     if args.floor:

@@ -1,11 +1,22 @@
-"""A fully-connected GAN on Fashion-MNIST: the tutorial's experiment (a), G and D both fully connected.
+"""A fully-connected GAN on Fashion-MNIST: the tutorial's experiment (a), G and D fully connected.
 
-    python gan_fc.py --loss bce --epochs 50      # --loss bce | lsgan | wgan | wgan-gp
+    python gan_fc.py --epochs 50                 # --loss bce | lsgan | wgan | wgan-gp
 
-Reads top to bottom like the tutorial: arguments, models (2.2), data, one D and one G step (2.1), the loop, main().
-Below the models, gan_conv.py is the same word for word; the only module they share is losses.py (section 4).
+The file reads top to bottom as the tutorial does: 1. the arguments, 2. the models (tutorial 2.2),
+3. the data, 4. one D step and one G step (2.1), 5. the training loop, 6. main(), 7. samples from
+a trained G. The banner after them marks the machinery that keeps a run safe: a reader may skip it.
+From section 3 on, gan_conv.py is this file word for word. The losses are in losses.py (tutorial 4).
 """
-import argparse, gzip, math, os, signal, sys, time  # noqa: E401 (the standard library, on one line)
+import argparse
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import math
+import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,51 +30,88 @@ from losses import LOSSES, clip_weights, discriminator_loss, generator_loss, gra
 SCRIPT = "gan_fc"
 
 
-# -- Arguments ---------------------------------------------------------------------------------------
+# ==================================================================================================
+# 1. Arguments
+# ==================================================================================================
+# BCE and LSGAN train with the tutorial's settings (DCGAN's, arXiv 1511.06434); the WGANs with their
+# paper's Algorithm 1: WGAN (1701.07875) at lr 1e-4, not 5e-5, which is too slow for 50 epochs
+# (docs/experiments.md), and WGAN-GP (1704.00028) as printed.
+DEFAULTS = dict(loss="bce", epochs=50, latent_dim=100, clip=0.01, gp_weight=10.0, seed=0,
+                device="auto", data_root="data", train_images=60000, sample_every=5, amp=False)
+LOSS_DEFAULTS = {
+    "bce": dict(lr=2e-4, betas=(0.5, 0.999), n_critic=1, batch_size=128),
+    "lsgan": dict(lr=2e-4, betas=(0.5, 0.999), n_critic=1, batch_size=128),
+    "wgan": dict(lr=1e-4, betas=None, n_critic=5, batch_size=64),  # RMSprop: no betas
+    "wgan-gp": dict(lr=1e-4, betas=(0.0, 0.9), n_critic=5, batch_size=128),
+}
+FIXED_ON_RESUME = ("loss", "latent_dim", "seed")  # --resume keeps them
+SPEED_HINT = "--train-images 6000 trains on a tenth of the images, for a first look"
+
+
 def parse_args(argv=None):
-    """Parse flags, check them and fill the per-loss defaults. Bad input exits with one line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--loss", choices=LOSSES, default="bce", help="GAN loss, tutorial section 4 (default: bce)")
-    p.add_argument("--epochs", type=int, default=50, help="passes of the critic over the training set (default: 50)")
-    p.add_argument("--batch-size", type=int, help="(default per loss: 128, the tutorial's; wgan 64)")
-    p.add_argument("--latent-dim", type=int, default=100, help="size of the noise vector z (default: 100)")
-    p.add_argument("--lr", type=float, help="(default per loss: bce, lsgan 2e-4; wgan, wgan-gp 1e-4)")
-    p.add_argument("--betas", type=float, nargs=2, help="Adam's (default per loss: 0.5 0.999; wgan-gp 0.0 0.9)")
-    p.add_argument("--n-critic", type=int, help="critic steps per G step (default per loss: 1; 5 for WGANs)")
-    p.add_argument("--clip", type=float, help="wgan: clip critic weights to [-c, c] (default 0.01)")
-    p.add_argument("--gp-weight", type=float, help="wgan-gp: gradient penalty weight lambda (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, mps or cpu")
-    p.add_argument("--data-root", help="where the FashionMNIST/ folder is (default: ./data, or the --resume run's)")
-    p.add_argument("--train-images", type=int, default=60000, help="use only the first N, for quick checks")
-    p.add_argument("--out", help="output folder (default: the first free one of runs/<name>, runs/<name>-2, ...)")
-    p.add_argument("--sample-every", type=int, default=5, help="epochs between sample grids (default: 5)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (faster on recent GPUs/CPUs)")
-    p.add_argument("--resume", metavar="PATH", help="continue training from this checkpoint.pt")
-    p.add_argument("--generate", type=int, metavar="N", help="with --resume: write N samples and a latent walk")
-    p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
-    args = p.parse_args(argv)
-    # Per-loss defaults from each paper's algorithm: BCE/LSGAN the tutorial's (DCGAN, arXiv 1511.06434); WGAN Alg. 1
-    # (1701.07875) at lr 1e-4, not 5e-5, too slow for 50 epochs (README); WGAN-GP Algorithm 1 (1704.00028).
-    defaults = {"bce": (2e-4, (0.5, 0.999), 1, 128), "lsgan": (2e-4, (0.5, 0.999), 1, 128),  # lr, betas, n_critic,
-                "wgan": (1e-4, None, 5, 64), "wgan-gp": (1e-4, (0.0, 0.9), 5, 128)}  # batch size; then clip, gp weight
+    """The command line, with every setting not given taken from the defaults above."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.error = fail  # one line, no usage dump
+    parser.add_argument("--loss", choices=LOSSES, help="the GAN loss, tutorial 4 (default: bce)")
+    parser.add_argument("--epochs", type=int, help="passes over the training set (default: 50)")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"images a step (default: {per_loss('batch_size')})")
+    parser.add_argument("--latent-dim", type=int, help="size of the noise vector z (default: 100)")
+    parser.add_argument("--lr", type=float, help=f"G's and D's (default: {per_loss('lr')})")
+    parser.add_argument("--betas", type=float, nargs=2,
+                        help="Adam's (default: 0.5 0.999; wgan-gp 0.0 0.9; wgan has RMSprop)")
+    parser.add_argument("--n-critic", type=int,
+                        help=f"D steps per G step (default: {per_loss('n_critic')})")
+    parser.add_argument("--clip", type=float, help="wgan: clip critic weights to [-c, c] (0.01)")
+    parser.add_argument("--gp-weight", type=float, help="wgan-gp: the penalty's weight lambda (10)")
+    parser.add_argument("--seed", type=int, help="seed of weights, noise and batches (default: 0)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"),
+                        help="auto: CUDA, else MPS, else the CPU (default: auto)")
+    parser.add_argument("--data-root", help="the folder that holds FashionMNIST/ (default: data)")
+    parser.add_argument("--train-images", type=int, help="the first N only (default: all 60000)")
+    parser.add_argument("--out", help="output folder (default: the first free runs/<name>, "
+                                      "runs/<name>-2, ...)")
+    parser.add_argument("--sample-every", type=int, help="epochs between sample grids (default: 5)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                        help="bf16 autocast, faster on recent GPUs and CPUs (default: off)")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="continue the run of this checkpoint.pt, with its own settings")
+    parser.add_argument("--generate", type=int, metavar="N",
+                        help="with --resume: write N samples and a latent walk, train nothing")
+    args = parser.parse_args(argv)
+    args.given = [name for name, value in vars(args).items() if value is not None]
+    return complete_args(args)
+
+
+def per_loss(setting):
+    """One setting's default for each loss, as the help shows it."""
+    return ", ".join(f"{loss} {LOSS_DEFAULTS[loss][setting]:g}" for loss in LOSSES)
+
+
+def complete_args(args):
+    """Fill in every setting that is None from the defaults of the run's loss; check them all."""
+    loss = args.loss or DEFAULTS["loss"]
+    for name, value in {**DEFAULTS, **LOSS_DEFAULTS[loss]}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     if args.loss == "wgan" and args.betas is not None:
-        p.error("--betas is for Adam; --loss wgan trains with RMSprop (WGAN paper, section 3)")
-    for name, value in zip("lr betas n_critic batch_size clip gp_weight".split(), (*defaults[args.loss], 0.01, 10.0)):
-        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    args.betas = tuple(args.betas) if args.betas else None
+        fail("--betas is for Adam; --loss wgan trains with RMSprop (WGAN paper, section 3)")
+    if args.betas is not None:
+        args.betas = tuple(args.betas)
     for name in ("epochs", "batch_size", "latent_dim", "n_critic", "sample_every", "train_images"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.lr <= 0 or args.clip <= 0 or args.gp_weight < 0:
-        p.error("--lr and --clip must be positive and --gp-weight not negative")
+        fail("--lr and --clip must be positive, and --gp-weight not negative")
     if args.generate is not None and (args.generate < 1 or not args.resume):
-        p.error("--generate N needs N >= 1 and --resume CHECKPOINT")
-    args.name = f"fc_{args.loss}"  # the default folder, runs/<name>
+        fail("--generate N needs N >= 1 and --resume CHECKPOINT")
+    args.name = f"fc_{args.loss}"  # the default folder is runs/<name>
     return args
 
 
-# -- Models (tutorial 2.2): G maps z to a 1x28x28 image in [-1, 1]; D maps an image to one raw score.
+# ==================================================================================================
+# 2. Models (tutorial 2.2): G maps noise z to a 1x28x28 image in [-1, 1]; D maps an image to a score
+# ==================================================================================================
 class Generator(nn.Module):
     def __init__(self, latent_dim=100):
         super().__init__()
@@ -71,79 +119,97 @@ class Generator(nn.Module):
             nn.Linear(latent_dim, 256), nn.ReLU(),
             nn.Linear(256, 512), nn.ReLU(),
             nn.Linear(512, 1024), nn.ReLU(),
-            nn.Linear(1024, 28 * 28), nn.Tanh())  # pixels in [-1, 1], like the normalised data
+            nn.Linear(1024, 28 * 28), nn.Tanh(),  # pixels in [-1, 1], as the normalised data
+        )
 
     def forward(self, z):
         return self.net(z).view(-1, 1, 28, 28)
 
 
 class Discriminator(nn.Module):
-    # No final Sigmoid: D returns a logit; the BCE applies it inside (stable, allowed under autocast) and LSGAN and
-    # WGAN want the raw score (tutorial 4.2 LSGAN, 4.4).
+    # No final Sigmoid: D returns a raw score (a logit). BCE applies the sigmoid inside, which is
+    # stable and allowed under autocast; LSGAN and the WGANs want the raw score (tutorial 4.2, 4.4).
     def __init__(self, dropout=0.3):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(28 * 28, 1024), nn.LeakyReLU(0.2), nn.Dropout(dropout),
             nn.Linear(1024, 512), nn.LeakyReLU(0.2), nn.Dropout(dropout),
             nn.Linear(512, 256), nn.LeakyReLU(0.2),
-            nn.Linear(256, 1))
+            nn.Linear(256, 1),
+        )
 
     def forward(self, x):
         return self.net(x.flatten(1))
 
 
 def build_models(args):
-    # A WGAN critic is one fixed function (clipping or the penalty bounds its slope): no Dropout; BCE, LSGAN keep 0.3.
-    dropout = 0.0 if args.loss in ("wgan", "wgan-gp") else 0.3
+    # A WGAN critic is one fixed function, whose slope clipping or the penalty bounds: no Dropout.
+    dropout = 0.3
+    if args.loss in ("wgan", "wgan-gp"):
+        dropout = 0.0
     return Generator(args.latent_dim), Discriminator(dropout)
 
 
-# -- Data: the whole training set as one uint8 tensor on the device; no DataLoader, no per-image transforms.
+# ==================================================================================================
+# 3. Data: the whole training set as one uint8 tensor on the device; no DataLoader, no transforms
+# ==================================================================================================
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def load_fashion_mnist(root, train=True, debian_dir=DEBIAN_DIR):
-    """Images (N, 1, 28, 28) uint8 and labels (N,): from root, else Debian's package, else a download."""
-    from torchvision.datasets.mnist import FashionMNIST, read_sn3_pascalvincent_tensor as read_idx
+    """Images (N, 1, 28, 28) uint8 and labels (N,): from root, else Debian's files, else online."""
+    from torchvision.datasets.mnist import FashionMNIST, read_sn3_pascalvincent_tensor
     raw = Path(root) / "FashionMNIST" / "raw"
     try:
         for name in FILES:  # Debian's files are gzipped: unpack each once, whole or not at all
-            if not (raw / name).exists() and (gz := Path(debian_dir, name + ".gz")).exists():
+            packed = Path(debian_dir, name + ".gz")
+            if packed.exists() and not (raw / name).exists():
                 raw.mkdir(parents=True, exist_ok=True)
-                write_atomically(raw / name, lambda f: f.write(gzip.decompress(gz.read_bytes())))
+                with write_atomically(raw / name) as f:
+                    f.write(gzip.decompress(packed.read_bytes()))
         if not all((raw / name).exists() for name in FILES):
             FashionMNIST(root, download=True)  # online: torchvision writes the four files into raw/
-    except Exception as e:  # offline, or a damaged package
-        sys.exit(f"error: cannot get Fashion-MNIST into {raw} ({type(e).__name__}: {e}); offline, run "
-                 f"'sudo apt-get install dataset-fashion-mnist' or put the four *-ubyte files in {raw}/")
-    try:  # torchvision's idx reader fails on a truncated file, or one that is not an idx file; path names which
-        images, labels = [read_idx(str(path := raw / name)) for name in (FILES[:2] if train else FILES[2:])]
-    except Exception:
-        sys.exit(f"error: {path} is damaged (truncated, or not an idx file); delete it and run again to unpack it "
-                 f"anew from Debian's package or download it")
+    except Exception as error:  # offline, or a damaged package
+        fail(f"cannot get Fashion-MNIST into {raw} ({type(error).__name__}: {error}); offline, "
+             f"run 'sudo apt-get install dataset-fashion-mnist' or put the four *-ubyte files in "
+             f"{raw}/")
+    tensors = []
+    for name in FILES[:2] if train else FILES[2:]:
+        try:
+            tensors.append(read_sn3_pascalvincent_tensor(str(raw / name)))
+        except Exception:  # truncated, or not an idx file at all
+            fail(f"{raw / name} is damaged (truncated, or not an idx file); delete it and run "
+                 f"again to unpack it anew from Debian's package or download it")
+    images, labels = tensors
     return images.unsqueeze(1), labels.long()
 
 
-# -- One D step and one G step (tutorial 2.1) --------------------------------------------------------
+# ==================================================================================================
+# 4. One D step and one G step (tutorial 2.1)
+# ==================================================================================================
 def d_step(D, opt_d, real, fake, loss, gp_weight=10.0, clip=0.01, amp=False):
-    """One update of D (the critic for WGANs). Returns (loss, mean(real) - mean(fake) scores)."""
+    """One update of D (the critic, for WGANs). Returns D's loss and mean D(real) - mean D(fake)."""
     fake = fake.detach()  # D's step must not reach G: the fakes are constants here (tutorial 2.1)
     with torch.autocast(real.device.type, torch.bfloat16, enabled=amp):
-        real_scores, fake_scores = D(real), D(fake)
+        real_scores = D(real)
+        fake_scores = D(fake)
         d_loss = discriminator_loss(loss, real_scores, fake_scores)
-    if loss == "wgan-gp":  # WGAN-GP, arXiv 1704.00028, Alg. 1 line 7; a compiled D: its plain module (issue 91469)
-        d_loss = d_loss + gp_weight * gradient_penalty(getattr(D, "_orig_mod", D), real, fake)
+    if loss == "wgan-gp":  # WGAN-GP, arXiv 1704.00028, Algorithm 1, line 7
+        plain_critic = getattr(D, "_orig_mod", D)  # a compiled D: its module (no double backward)
+        d_loss = d_loss + gp_weight * gradient_penalty(plain_critic, real, fake)
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
     if loss == "wgan":  # WGAN, arXiv 1701.07875, Algorithm 1, line 7
         clip_weights(D, clip)
-    return d_loss.detach(), (real_scores.float().mean() - fake_scores.float().mean()).detach()
+    score_gap = real_scores.float().mean() - fake_scores.float().mean()  # W's estimate, for WGANs
+    return d_loss.detach(), score_gap.detach()
 
 
 def g_step(D, opt_g, fake, loss, amp=False):
-    """One update of G through D's graph. D's weights get no gradient (the tutorial computes and drops them)."""
+    """One update of G through D's graph. D's weights get no gradient (the tutorial's do)."""
     D.requires_grad_(False)
     with torch.autocast(fake.device.type, torch.bfloat16, enabled=amp):
         g_loss = generator_loss(loss, D(fake))
@@ -155,239 +221,544 @@ def g_step(D, opt_g, fake, loss, amp=False):
 
 
 def make_optimizers(G, D, args, device):
-    if args.loss == "wgan":  # WGAN, section 3: momentum-based optimizers made the critic unstable
-        return tuple(torch.optim.RMSprop(m.parameters(), lr=args.lr) for m in (G, D))
-    fused = device.type in ("cuda", "cpu")  # one pass over all parameters, not one op per tensor
-    return tuple(torch.optim.Adam(m.parameters(), lr=args.lr, betas=args.betas, fused=fused) for m in (G, D))
+    if args.loss == "wgan":  # WGAN, section 3: momentum made the critic unstable
+        opt_g = torch.optim.RMSprop(G.parameters(), lr=args.lr)
+        opt_d = torch.optim.RMSprop(D.parameters(), lr=args.lr)
+        return opt_g, opt_d
+    fused = device.type in ("cuda", "cpu")  # one kernel over all parameters, not one per tensor
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas, fused=fused)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=args.betas, fused=fused)
+    return opt_g, opt_d
 
 
-# -- What a run writes: sample grids, progress.gif, metrics.csv, losses.png, checkpoint.pt -------------
+# ==================================================================================================
+# 5. The training loop (tutorial 2.2)
+# ==================================================================================================
+def train(G, D, opt_g, opt_d, data, args, run):
+    """Every epoch, the images in a new order; every batch, one D step, and one G step every
+    n_critic batches. `run` is the bookkeeping below the banner: progress, checkpoints, Ctrl-C."""
+    device = data.device
+    batch_size = args.batch_size
+    steps_per_epoch = len(data) // batch_size  # full batches; each epoch drops another remainder
+    # The same 64 noise vectors for every grid, so the epochs compare (the tutorial draws new ones).
+    fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    fixed_z = fixed_z.to(device)
+    for epoch in range(run.epoch + 1, args.epochs + 1):
+        start_epoch(run, epoch, steps_per_epoch)
+        order = torch.randperm(len(data), device=device)
+        for i in range(steps_per_epoch):
+            batch = order[i * batch_size:(i + 1) * batch_size]
+            real = data[batch].float() / 127.5 - 1  # pixels in [-1, 1], as the tutorial's Normalize
+            g_turn = (run.step + 1) % args.n_critic == 0  # G steps once every n_critic D steps
+            # One G forward serves both steps: D sees it detached, G's step reuses its graph.
+            autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp)
+            with torch.set_grad_enabled(g_turn), autocast:
+                fake = G(torch.randn(batch_size, args.latent_dim, device=device))
+            d_loss, w_estimate = d_step(D, opt_d, real, fake, args.loss, args.gp_weight, args.clip,
+                                        args.amp)
+            g_loss = None
+            if g_turn:
+                g_loss = g_step(D, opt_g, fake, args.loss, args.amp)
+            log_step(run, i, d_loss, w_estimate, g_loss)  # progress; stops here after a Ctrl-C
+        grid = None
+        if epoch % args.sample_every == 0 or epoch == args.epochs:
+            grid = sample(G, fixed_z)
+        end_epoch(run, G, D, opt_g, opt_d, grid)  # the grid, metrics.csv, then checkpoint.pt
+
+
+# ==================================================================================================
+# 6. main(): set up, then train
+# ==================================================================================================
+def main(argv=None):
+    args = parse_args(argv)
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume, training=not args.generate)
+        args = resumed_args(args, checkpoint)  # the run's own settings, and the flags given now
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    G, D = build_models(args)
+    G = G.to(device)
+    D = D.to(device)
+    if args.generate:
+        G.load_state_dict(checkpoint["G"])
+        write_generated(G, args, checkpoint, device)
+        return
+    opt_g, opt_d = make_optimizers(G, D, args, device)
+    if checkpoint:
+        restore(checkpoint, G, D, opt_g, opt_d, args, device)
+    data = load_fashion_mnist(args.data_root)[0][:args.train_images].to(device)
+    if len(data) < args.batch_size:
+        fail(f"--batch-size {args.batch_size} is larger than the {len(data)} training images")
+    run = open_run(args, device, checkpoint, len(data))  # its folder, held; a clean Ctrl-C
+    try:
+        train(G, D, opt_g, opt_d, data, args, run)
+    except torch.cuda.OutOfMemoryError:
+        half = max(1, args.batch_size // 2)
+        smaller = how_to_continue(run, f" --batch-size {half}")
+        fail(f"out of {device.type} memory in epoch {run.epoch + 1} at --batch-size "
+             f"{args.batch_size}; try a smaller --batch-size: {smaller}")
+    finally:
+        close_run(run)
+    print(f"done: samples, progress.gif, metrics.csv, losses.png and checkpoint.pt in {run.out}")
+
+
+# ==================================================================================================
+# 7. Samples from a trained G: a grid, and a walk through its latent space
+# ==================================================================================================
 @torch.no_grad()
 def sample(G, z, batch=1000):
-    """G's images for noise z as uint8 (N, 1, 28, 28), G in eval mode (BatchNorm uses running stats)."""
+    """G's images for noise z as uint8 (N, 1, 28, 28), G in eval mode (BatchNorm's running mean)."""
     G.eval()
-    x = torch.cat([G(chunk).float() for chunk in z.split(batch)])
+    images = torch.cat([G(chunk).float() for chunk in z.split(batch)])
     G.train()
-    return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+    return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
 def slerp(z0, z1, t):
-    """z0 at t=0, z1 at t=1, along the great circle: Gaussian z lies near a sphere (White 2016, arXiv 1609.04468)."""
-    omega = torch.cosine_similarity(z0, z1, dim=-1).clamp(-1, 1).acos().unsqueeze(-1)  # the angle between them
-    return torch.sin((1 - t) * omega) / torch.sin(omega) * z0 + torch.sin(t * omega) / torch.sin(omega) * z1
+    """z0 at t=0 to z1 at t=1 along the great circle: Gaussian z lies near a sphere (White 2016,
+    arXiv 1609.04468), and the straight line between two z passes through unlikely short ones."""
+    angle = torch.cosine_similarity(z0, z1, dim=-1).clamp(-1, 1).acos().unsqueeze(-1)
+    weight0 = torch.sin((1 - t) * angle) / torch.sin(angle)
+    weight1 = torch.sin(t * angle) / torch.sin(angle)
+    return weight0 * z0 + weight1 * z1
 
 
 def latent_walk(latent_dim, seed, rows=8, steps=10):
-    """rows x steps noise vectors, row by row: each row walks from one random z to another (DCGAN paper, 6.1)."""
-    z0, z1 = torch.randn(2, rows, 1, latent_dim, generator=torch.Generator().manual_seed(seed))
-    return slerp(z0, z1, torch.linspace(0, 1, steps).view(1, steps, 1)).flatten(0, 1)
+    """rows x steps noise vectors, row by row, each row from one random z to another (DCGAN 6.1)."""
+    ends = torch.randn(2, rows, 1, latent_dim, generator=torch.Generator().manual_seed(seed))
+    t = torch.linspace(0, 1, steps).view(1, steps, 1)
+    return slerp(ends[0], ends[1], t).flatten(0, 1)
 
 
-def write_atomically(path, write):
-    """write(file) into path.tmp, then rename that to path: a crash or a full disk never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_generated(G, args, checkpoint, device):
+    """--generate N: N samples (generated.pt, .png) and the latent walk (interpolation.png)."""
+    out, lock = generate_folder(args, checkpoint)
+    images = sample(G, torch.randn(args.generate, args.latent_dim, device=device))
+    with write_atomically(out / "generated.pt") as f:
+        torch.save(images, f)
+    save_grid(images, out / "generated.png", nrow=math.ceil(math.sqrt(len(images))))
+    walk = latent_walk(args.latent_dim, args.seed).to(device)
+    save_grid(sample(G, walk), out / "interpolation.png", nrow=10)
+    if lock:
+        lock.release()
+    print(f"wrote {out / 'generated.pt'}, generated.png ({args.generate} samples) and "
+          f"interpolation.png")
+
+
+# ##################################################################################################
+# The machinery that keeps a run safe. You may stop reading here: nothing below is about GANs.
+# A run holds its folder with a lock, writes every file whole or not at all, saves a checkpoint
+# each epoch, stops cleanly on Ctrl-C, prints its progress and draws progress.gif and losses.png.
+# ##################################################################################################
+SLOW_EPOCH_SECONDS = 120  # an epoch slower than this is announced early, with how to go faster
+
+
+def fail(message):
+    """Stop with one line on stderr and exit status 1: no traceback for a user's mistake."""
+    sys.exit(f"error: {message}")
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run's bookkeeping; the loop reads run.epoch (the last saved) and run.step."""
+    args: argparse.Namespace
+    device: torch.device
+    out: Path
+    lock: FileLock
+    epoch: int = 0
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    signals: list = dataclasses.field(default_factory=list)  # Ctrl-C (SIGINT) or SIGTERM, when sent
+    old_handlers: dict = dataclasses.field(default_factory=dict)
+    sums: torch.Tensor = None  # this epoch's D loss, W estimate and G loss, summed on the device
+    g_steps: int = 0
+    means: tuple = (math.nan, math.nan, math.nan)
+    started: float = 0.0
+    pace_from: float = 0.0
+    bar: tqdm = None
+    first_epoch: int = 1
+
+
+def load_checkpoint(path, training=True):
+    """A whole checkpoint of this script: tensors and plain values (weights_only runs no code)."""
+    check_listed_sum(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError raised while handling the OSError
-        raise e.__context__ if isinstance(e.__context__, OSError) else e
-    finally:
-        tmp.unlink(missing_ok=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # missing, truncated, or not tensors-only
+        what = f"damaged, or not written by {SCRIPT}.py"
+        if isinstance(error, FileNotFoundError):
+            what = "no such file"
+        fail(f"cannot read checkpoint {path}: {what} ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT:
+        fail(f"{path} is not a checkpoint of {SCRIPT}.py")
+    needed = ["args", "G"]
+    if training:
+        needed += ["D", "opt_g", "opt_d", "epoch", "step", "rng", "history"]
+    missing = [key for key in needed if key not in checkpoint]
+    if missing:
+        message = f"{path} is incomplete (no {', '.join(missing)}) to resume from"
+        message += "; it can --generate"
+        if "command" in checkpoint:  # a pretrained generator
+            message += f"; this command trains one: {checkpoint['command']}"
+        fail(message)
+    return checkpoint
 
 
-def save_grid(images, path, nrow=8):
-    write_atomically(path, lambda f: save_image(images.float() / 255, f, format="png", nrow=nrow, padding=2))
+def check_listed_sum(path):
+    """A file that a SHA256SUMS beside it lists (pretrained/) must have that sum: a damaged file
+    could still load, and generate nonsense."""
+    path = Path(path)
+    sums = path.parent / "SHA256SUMS"
+    if not path.is_file() or not sums.is_file():
+        return
+    for line in sums.read_text().splitlines():
+        expected, _, listed = line.partition("  ")
+        if Path(listed).name == path.name and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            fail(f"{path} does not match its SHA-256 in {sums}: it is damaged; restore it with "
+                 f"'git checkout -- {path}'")
 
 
-def write_gif(out):
-    """progress.gif: the fixed-noise grids so far, in epoch order, each captioned with its epoch, looping."""
-    from PIL import Image, ImageDraw
-    frames = []
-    for path in sorted(out.glob("samples_epoch*.png"), key=lambda p: int(p.stem[13:])):
-        frames.append(frame := Image.new("L", (242, 258)))  # the 8x8 grid, under a black strip for the caption
-        frame.paste(Image.open(path).convert("L").point(lambda v: v & 0xF8), (0, 16))  # 32 greys: a small GIF
-        ImageDraw.Draw(frame).text((4, 3), f"epoch {int(path.stem[13:])}", fill=255)
-    write_atomically(out / "progress.gif", lambda f: frames[0].save(f, format="GIF", save_all=True, loop=0,
-                     append_images=frames[1:], duration=[400] * (len(frames) - 1) + [2000]))  # rests on the last
+def resumed_args(args, checkpoint):
+    """The run's own settings. A flag given on this command line is applied if it can change
+    mid-run; one that would make another run (FIXED_ON_RESUME) is refused unless it is the run's."""
+    settings = {name: value for name, value in checkpoint["args"].items() if value is not None}
+    for name in args.given:
+        value = getattr(args, name)
+        fixed = name in FIXED_ON_RESUME
+        if name == "seed" and args.generate:  # --generate: the seed of the noise only
+            fixed = False
+        if fixed and value != settings.get(name):
+            flag = "--" + name.replace("_", "-")
+            fail(f"{flag} cannot change when a run resumes (this run has {flag} "
+                 f"{settings.get(name)}); to train with {flag} {value}, start a new run")
+        settings[name] = value
+    for name in ("resume", "generate", "out", "given"):  # this command line's, never the run's
+        settings[name] = getattr(args, name)
+    resumed = complete_args(argparse.Namespace(**settings))  # settings newer than the run: defaults
+    if not args.generate and checkpoint["epoch"] >= resumed.epochs:
+        fail(f"{args.resume} has already trained {checkpoint['epoch']} epochs; ask for more with "
+             f"--epochs")
+    return resumed
 
 
-def write_metrics(history, out, loss):
-    from matplotlib.figure import Figure  # drawn into a file, never shown (the tutorial's plt.show() blocks)
-    lines = [",".join(history[0])] + [",".join(map(str, row.values())) for row in history]
-    write_atomically(out / "metrics.csv", lambda f: f.write(("\n".join(lines) + "\n").encode()))
-    ax = Figure(figsize=(6, 3.8), layout="tight").subplots()
-    for key in ("d_loss", "g_loss") + (("wasserstein_estimate",) if loss in ("wgan", "wgan-gp") else ()):  # WGAN, 4.2
-        ax.plot([row["epoch"] for row in history], [row[key] for row in history], "o-", ms=3, label=key.replace("_", " "))
-    ax.set(xlabel="epoch", ylabel="mean over the epoch", title=f"{loss}: losses")
-    ax.legend()
-    write_atomically(out / "losses.png", lambda f: ax.figure.savefig(f, format="png", dpi=100))
+def restore(checkpoint, G, D, opt_g, opt_d, args, device):
+    """Weights, optimizer states and random state as saved; the optimizers get args' lr, betas."""
+    G.load_state_dict(checkpoint["G"])
+    D.load_state_dict(checkpoint["D"])
+    opt_g.load_state_dict(checkpoint["opt_g"])
+    opt_d.load_state_dict(checkpoint["opt_d"])
+    for optimizer in (opt_g, opt_d):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
+            if "betas" in group:  # Adam's; RMSprop has none
+                group["betas"] = args.betas
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
 
 
-def load_checkpoint(path, script, keys):
+def open_run(args, device, checkpoint, images):
+    """Claim the run's folder, say where it writes, catch Ctrl-C to stop after the current step."""
+    out, lock = output_folder(args)
+    args.out = str(out)
+    run = Run(args=args, device=device, out=out, lock=lock)
+    if checkpoint:
+        run.epoch = checkpoint["epoch"]
+        run.step = checkpoint["step"]
+        run.history = checkpoint["history"]
+    run.first_epoch = run.epoch + 1
+    capabilities = {}
+    if hasattr(torch.cpu, "get_capabilities"):  # an older PyTorch cannot tell
+        capabilities = torch.cpu.get_capabilities()
+    has_bf16 = any(capabilities.get(name) for name in ("avx512_bf16", "amx_bf16", "bf16"))
+    if args.amp and device.type == "cpu" and capabilities and not has_bf16:
+        print("warning: this CPU has no bf16 instructions, so PyTorch emulates bf16 and --amp is "
+              "much slower; drop --amp")
+    print(f"{SCRIPT}: {args.loss} on {device}, {images} images, writing to {out}", flush=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        run.old_handlers[signum] = signal.signal(signum, on_signal(run))
+    return run
+
+
+def on_signal(run):
+    def handler(signum, frame):
+        run.signals.append(signum)  # the loop stops after the current step
+    return handler
+
+
+def close_run(run):
+    """The folder is free for others again (a process that ends any other way frees it too)."""
+    run.lock.release()
+    for signum, handler in run.old_handlers.items():
+        signal.signal(signum, handler)
+
+
+def start_epoch(run, epoch, steps_per_epoch):
+    run.started = time.perf_counter()
+    run.sums = None
+    run.g_steps = 0
+    run.bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{run.args.epochs}", leave=False,
+                   disable=None)  # disable=None: no bar without a terminal
+
+
+def log_step(run, i, d_loss, w_estimate, g_loss):
+    """After each step: sum the losses, show progress ten times an epoch, stop after a Ctrl-C."""
+    run.step += 1
+    epoch = run.epoch + 1
+    if g_loss is None:
+        g_loss = torch.zeros_like(d_loss)
+    else:
+        run.g_steps += 1
+    losses = torch.stack([d_loss, w_estimate, g_loss])
+    if run.sums is None:
+        run.sums = losses
+    else:
+        run.sums = run.sums + losses
+    run.bar.update()
+    if run.signals:
+        name = signal.Signals(run.signals[0]).name
+        tqdm.write(f"interrupted by {name} in epoch {epoch}/{run.args.epochs}; "
+                   f"{how_to_continue(run)}", file=sys.stderr)
+        sys.exit(128 + run.signals[0])  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+    steps = run.bar.total
+    seconds = time.perf_counter() - run.started
+    if epoch == run.first_epoch and i == 4:  # the pace from step 5 on, after the warm-up
+        run.pace_from = time.perf_counter()
+    if epoch == run.first_epoch and i == 14:
+        epoch_seconds = (time.perf_counter() - run.pace_from) / 10 * steps
+        run_hours = epoch_seconds * (run.args.epochs - epoch + 1) / 3600
+        if epoch_seconds > SLOW_EPOCH_SECONDS:
+            tqdm.write(f"at this pace an epoch takes {epoch_seconds / 60:.0f} min on this "
+                       f"{run.device.type}, and the run {run_hours:.1f} h; {SPEED_HINT}")
+    if (i + 1) % max(1, steps // 10) != 0 and i + 1 != steps:
+        return
+    counts = torch.tensor([i + 1, i + 1, max(run.g_steps, 1)], device=run.device)
+    run.means = tuple((run.sums / counts).tolist())  # a device sync, so only ten times an epoch
+    d, w, g = run.means
+    if not (math.isfinite(d) and math.isfinite(g)):
+        half = f"{run.args.lr / 2:g}"
+        fail(f"the loss became {d if not math.isfinite(d) else g} in epoch {epoch}, so training "
+             f"stopped; try a lower --lr: {how_to_continue(run, f' --lr {half}')}")
+    run.bar.set_postfix(D=f"{d:.3f}", G=f"{g:.3f}")
+    if run.bar.disable and i + 1 < steps:  # no terminal (a log file): a line instead of the bar
+        left = seconds / (i + 1) * (steps - i - 1)
+        print(f"  step {i + 1}/{steps}  D {d:.4f}  G {g:.4f}  {left:.0f} s left", flush=True)
+
+
+def end_epoch(run, G, D, opt_g, opt_d, grid):
+    """Write the epoch's files, each whole or not at all, the checkpoint last: never ahead."""
+    run.bar.close()
+    args = run.args
+    seconds = time.perf_counter() - run.started
+    images_per_sec = run.bar.total * args.batch_size / seconds
+    run.epoch += 1
+    d, w, g = run.means
+    wgan = args.loss in ("wgan", "wgan-gp")
+    run.history.append(dict(epoch=run.epoch, d_loss=round(d, 5), g_loss=round(g, 5),
+                            wasserstein_estimate=round(w, 5) if wgan else "",
+                            seconds=round(seconds, 2), images_per_sec=round(images_per_sec, 1)))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: runs no code
-    except Exception as e:  # missing, truncated, or not tensors-only (weights_only refuses pickled code)
-        what = "no such file" if isinstance(e, FileNotFoundError) else f"damaged, or not written by {script}.py"
-        sys.exit(f"error: cannot read checkpoint {path}: {what} ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        sys.exit(f"error: {path} is not a checkpoint of {script}.py")
-    if any(k not in ckpt for k in keys):
-        sys.exit(f"error: {path} is incomplete (no {', '.join(k for k in keys if k not in ckpt)}) to resume from")
-    return ckpt
+        if grid is not None:
+            save_grid(grid, run.out / f"samples_epoch{run.epoch:03d}.png")
+            write_gif(run.out)
+        write_metrics(run.history, run.out, args.loss)
+        rng = {"cpu": torch.get_rng_state(), "cuda": None}
+        if run.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        settings = {name: value for name, value in vars(args).items() if name != "given"}
+        state = dict(script=SCRIPT, epoch=run.epoch, step=run.step, args=settings,
+                     G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(),
+                     opt_d=opt_d.state_dict(), rng=rng, history=run.history)
+        with write_atomically(run.out / "checkpoint.pt") as f:
+            torch.save(state, f)
+    except OSError as error:  # a full disk, a folder gone read-only: the last checkpoint is whole
+        run.epoch -= 1
+        fail(f"cannot write to {run.out} ({error.strerror or error}); {how_to_continue(run)}")
+    w_text = f"  W {w:.4f}" if wgan else ""
+    print(f"epoch {run.epoch}/{args.epochs}  D {d:.4f}  G {g:.4f}{w_text}  {seconds:.1f} s  "
+          f"{images_per_sec:.0f} img/s", flush=True)
+    if run.signals:  # the signal came while saving: this epoch is whole on disk
+        name = signal.Signals(run.signals[0]).name
+        more = ""
+        if run.epoch >= args.epochs:
+            more = f" --epochs {run.epoch + 1}"
+        print(f"interrupted by {name} while saving epoch {run.epoch}/{args.epochs}; "
+              f"{how_to_continue(run, more)}", file=sys.stderr)
+        sys.exit(128 + run.signals[0])
 
 
-def how_to_continue(args, out, saved, epochs=None):
-    """For every message that stops a run: the epoch safe on disk, and the command that continues it."""
-    if saved == 0:
-        return "nothing was saved yet (the first checkpoint is written after epoch 1)"
-    flags = " --amp" * args.amp + f" --device {args.device}" * (args.device != "auto")
-    return (f"epoch {saved} is saved in {out / 'checkpoint.pt'}; continue with: python {os.path.relpath(__file__)} "
-            f"--resume {out / 'checkpoint.pt'} --epochs {epochs or args.epochs}{flags}")
+def how_to_continue(run, flags=""):
+    """For every message that stops a run: the epoch safe on disk, and the command that goes on."""
+    if run.epoch == 0:
+        return ("nothing was saved yet (the first checkpoint is written after epoch 1); run the "
+                "same command again" + (f" with{flags}" if flags else ""))
+    checkpoint = run.out / "checkpoint.pt"
+    return (f"epoch {run.epoch} is saved in {checkpoint}; continue with: python "
+            f"{os.path.relpath(__file__)} --resume {checkpoint}{flags}")
 
 
 def output_folder(args):
-    """Where this run writes, held while the run lives; without --out the first free runs/<name>, runs/<name>-2, ..."""
-    given = Path(args.out) if args.out else Path(args.resume).parent if args.resume else None
-    base, others = Path("runs", args.name), lambda d: {p.name for p in d.iterdir()} - {".lock", ".pid"}
-    for out in [given] if given else (Path(f"{base}-{k}") if k > 1 else base for k in range(1, 10**6)):
+    """The folder a training run writes to, and its lock: --out, else the resumed run's folder,
+    else the first free one of runs/<name>, runs/<name>-2, ..."""
+    if args.out:
+        return claim_folder(Path(args.out), args)
+    if args.resume:
+        return claim_folder(Path(args.resume).parent, args)
+    return first_free_folder(Path("runs", args.name))
+
+
+def generate_folder(args, checkpoint):
+    """Where --generate writes: --out; beside a run's own checkpoint; or, for a file with G alone (a
+    pretrained one), the first free runs/<name>-generated, ... (its own folder is left as it is)."""
+    if args.out:
+        out = Path(args.out)
+    elif "opt_d" in checkpoint:
+        out = Path(args.resume).parent
+    else:
+        return first_free_folder(Path("runs", f"{args.name}-generated"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot write to {out} ({error.strerror}); choose another --out")
+    return out, None
+
+
+def first_free_folder(base):
+    """The first of base, base-2, base-3, ... that holds no other run's files, locked."""
+    for number in range(1, 10**6):
+        out = base
+        if number > 1:
+            out = Path(f"{base}-{number}")
+        if out.is_dir() and {path.name for path in out.iterdir()} - {".lock", ".pid"}:
+            continue  # another run's files
         try:
-            if given or not (out.is_dir() and others(out)):  # a numbered folder with another run's files is skipped
-                out.mkdir(parents=True, exist_ok=True)
-                (lock := FileLock(out / ".lock")).acquire(timeout=0)  # the OS frees it however the process ends
-                break
-        except Timeout:  # a live process holds it: a run training there, saved or not yet
-            if given and not args.generate:  # --generate writes only its own files: it may go on beside a live run
-                pid = (out / ".pid").read_text() if (out / ".pid").exists() else "unknown"
-                sys.exit(f"error: {out} is in use by another run (process {pid}): wait for it, or choose another --out")
-        except OSError as e:
-            sys.exit(f"error: cannot write to {out} ({'a file, not a folder' if out.is_file() else e.strerror}); "
-                     f"choose another --out")
-    held = out / "checkpoint.pt"
-    if args.out and held.is_file() and not args.generate and not (args.resume and held.samefile(args.resume)):
+            out.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(out / ".lock")
+            lock.acquire(timeout=0)  # the OS frees it however the process ends
+        except Timeout:  # a live run holds it, saved or not yet
+            continue
+        except OSError as error:
+            fail(f"cannot write to {out} ({error.strerror})")
+        write_pid(out)
+        return out, lock
+
+
+def claim_folder(out, args):
+    """Lock out for this run; refuse, in one line, a folder in use or one that holds another run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(out / ".lock")
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = "unknown"
+        if (out / ".pid").exists():
+            holder = (out / ".pid").read_text()
+        fail(f"{out} is in use by another run (process {holder}): wait for it, or choose another "
+             f"--out")
+    except OSError as error:
+        reason = error.strerror
+        if out.is_file():
+            reason = "a file, not a folder"
+        fail(f"cannot write to {out} ({reason}); choose another --out")
+    existing = out / "checkpoint.pt"
+    resuming_it = args.resume and existing.is_file() and existing.samefile(args.resume)
+    if existing.is_file() and not resuming_it:
         lock.release()  # refused: the folder stays free for its own run's --resume
-        epoch = load_checkpoint(held, SCRIPT, ("epoch",))["epoch"]
-        sys.exit(f"error: {out} holds a run: {how_to_continue(args, out, epoch, max(args.epochs, epoch + 1))}; "
-                 f"or choose another --out")
-    if lock.is_locked:  # not when --generate goes on beside a live run
-        write_atomically(out / ".pid", lambda f: f.write(str(os.getpid()).encode()))  # names the holder to others
+        epoch = load_checkpoint(existing, training=False).get("epoch", 0)
+        command = f"python {os.path.relpath(__file__)} --resume {existing}"
+        fail(f"{out} holds a run: epoch {epoch} is saved in {existing}; continue with: {command} "
+             f"--epochs {max(args.epochs, epoch + 1)}; or choose another --out")
+    write_pid(out)
     return out, lock
 
 
+def write_pid(out):
+    with write_atomically(out / ".pid") as f:  # names the holder to a run that is refused
+        f.write(str(os.getpid()).encode())
+
+
 def pick_device(name):
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    name = next(n for n, ok in available.items() if ok) if name == "auto" else name
-    return torch.device(name) if available[name] else sys.exit(f"error: --device {name} is not available; try --device cpu")
+    """auto: CUDA, else MPS (Apple's GPUs), else the CPU."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
+    if name == "auto":
+        name = next(device for device, ok in available.items() if ok)
+    if not available[name]:
+        fail(f"--device {name} is not available; try --device cpu")
+    return torch.device(name)
 
 
-# -- main(): set up, then the loop -------------------------------------------------------------------
-def main(argv=None):
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    need = ("args", "G") if args.generate else ("args", "G", "D", "opt_g", "opt_d", "epoch", "step", "rng", "history")
-    ckpt = args.resume and load_checkpoint(args.resume, SCRIPT, need)
-    if ckpt:  # continue with the run's own settings; only these may change on resume:
-        given = {k: getattr(args, k) for k in "epochs device data_root out sample_every amp resume generate".split()}
-        vars(args).update({**ckpt["args"], **{k: v for k, v in given.items() if v is not None}})
-        args.betas, args.out = tuple(args.betas) if args.betas else None, given["out"]
-    torch.manual_seed(args.seed)
-    G, D = (m.to(device) for m in build_models(args))
-    if args.generate:  # --generate N --resume PATH: samples and a latent walk from the checkpoint's G, no training
-        out, _ = output_folder(args)
-        G.load_state_dict(ckpt["G"])
-        images = sample(G, torch.randn(args.generate, args.latent_dim, device=device))
-        write_atomically(out / "generated.pt", lambda f: torch.save(images, f))
-        save_grid(images, out / "generated.png", nrow=math.ceil(math.sqrt(len(images))))
-        save_grid(sample(G, latent_walk(args.latent_dim, args.seed).to(device)), out / "interpolation.png", nrow=10)
-        return print(f"wrote {out / 'generated.pt'}, generated.png ({args.generate} samples) and interpolation.png")
-    opt_g, opt_d = make_optimizers(G, D, args, device)
-    start, step, history = (ckpt["epoch"], ckpt["step"], ckpt["history"]) if ckpt else (0, 0, [])
-    if ckpt:
-        for part, name in ((G, "G"), (D, "D"), (opt_g, "opt_g"), (opt_d, "opt_d")):
-            part.load_state_dict(ckpt[name])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        if start >= args.epochs:
-            sys.exit(f"error: {args.resume} has already trained {start} epochs; ask for more with --epochs")
-    data = load_fashion_mnist(args.data_root or "./data")[0][:args.train_images].to(device)
-    # The same noise every time (its own seeded generator), so grids from different epochs compare.
-    fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    B, wgan = args.batch_size, args.loss in ("wgan", "wgan-gp")
-    steps_per_epoch = len(data) // B  # full batches; a different remainder is left out each epoch
-    if steps_per_epoch == 0:
-        sys.exit(f"error: --batch-size {B} is larger than the {len(data)} training images")
-    out, lock = output_folder(args)  # held until the loop ends: no other run writes there meanwhile
-    args.out = str(out)
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}  # an older PyTorch: unknown
-    if args.amp and device.type == "cpu" and caps and not any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16")):
-        print("warning: this CPU has no bf16 instructions, so PyTorch emulates bf16 and --amp is much slower; drop --amp")
-    print(f"{SCRIPT}: {args.loss} on {device}, {len(data)} images, writing to {out}", flush=True)  # out now, warning too
-    stop = []  # Ctrl-C (SIGINT) or a job scheduler's SIGTERM lands here; the loop stops after the current step
-    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+@contextlib.contextmanager
+def write_atomically(path):
+    """`with write_atomically(path) as f:` writes a temporary file beside path, renamed to path once
+    whole: a crash or a full disk never leaves half a file. The temporary's name is this process's
+    own, so runs that write one file at the same moment (the data, unpacked) never share it."""
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        for epoch in range(start + 1, args.epochs + 1):
-            t0 = time.perf_counter()
-            perm = torch.randperm(len(data), device=device)
-            sums = torch.zeros(3, device=device)  # D loss, W estimate, G loss, summed on the device (no sync)
-            g_steps, every = 0, max(1, steps_per_epoch // 10)
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None)
-            for i in bar:
-                real = data[perm[i * B:(i + 1) * B]].float() / 127.5 - 1  # [-1, 1], as the tutorial's Normalize
-                g_turn = (step + 1) % args.n_critic == 0  # G steps once every n_critic critic steps
-                # One G forward serves both steps: D sees it detached, and G's step reuses it with its graph.
-                with torch.set_grad_enabled(g_turn), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                    fake = G(torch.randn(B, args.latent_dim, device=device))
-                d_loss, w_est = d_step(D, opt_d, real, fake, args.loss, args.gp_weight, args.clip, args.amp)
-                sums[:2] += torch.stack([d_loss, w_est])
-                if g_turn:
-                    sums[2] += g_step(D, opt_g, fake, args.loss, args.amp)
-                    g_steps += 1
-                step += 1
-                if stop:
-                    tqdm.write(f"interrupted by {signal.Signals(stop[0]).name} in epoch {epoch}/{args.epochs}; "
-                               f"{how_to_continue(args, out, epoch - 1)}", file=sys.stderr)
-                    sys.exit(128 + stop[0])  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
-                if i == 4 and epoch == start + 1 and device.type == "cpu" and getattr(args, "width", 0) >= 64:
-                    tqdm.write(f"at this pace an epoch takes {(time.perf_counter() - t0) / 300 * steps_per_epoch:.0f} "
-                               f"min on this CPU; --width 32 is about 10x faster")  # gan_conv.py's widths >= 64
-                if (i + 1) % every == 0 or i + 1 == steps_per_epoch:  # a device sync, so only ten times an epoch
-                    d, w, g = (sums / torch.tensor([i + 1, i + 1, max(g_steps, 1)], device=device)).tolist()
-                    if not (math.isfinite(d) and math.isfinite(g)):
-                        sys.exit(f"error: the loss became {d if not math.isfinite(d) else g} in epoch {epoch}, so "
-                                 f"training stopped; try a lower --lr ({how_to_continue(args, out, epoch - 1)})")
-                    bar.set_postfix(D=f"{d:.3f}", G=f"{g:.3f}")
-                    if bar.disable and i + 1 < steps_per_epoch:  # no terminal (a log file): tqdm draws nothing
-                        print(f"  step {i + 1}/{steps_per_epoch}  D {d:.4f}  G {g:.4f}  "
-                              f"{(time.perf_counter() - t0) / (i + 1) * (steps_per_epoch - i - 1):.0f} s left", flush=True)
-            seconds = time.perf_counter() - t0
-            history.append(dict(epoch=epoch, d_loss=round(d, 5), g_loss=round(g, 5), wasserstein_estimate=round(w, 5) if wgan
-                                else "", seconds=round(seconds, 2), images_per_sec=round(steps_per_epoch * B / seconds, 1)))
-            try:  # each file is written whole or not at all, the checkpoint last: it never runs ahead of the rest
-                if epoch % args.sample_every == 0 or epoch == args.epochs:
-                    save_grid(sample(G, fixed_z), out / f"samples_epoch{epoch:03d}.png")
-                    write_gif(out)
-                write_metrics(history, out, args.loss)
-                rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-                state = dict(script=SCRIPT, epoch=epoch, step=step, args=vars(args), G=G.state_dict(), D=D.state_dict(),
-                             opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), rng=rng, history=history)
-                write_atomically(out / "checkpoint.pt", lambda f: torch.save(state, f))
-            except OSError as e:  # a full disk, a folder gone read-only: the previous checkpoint is intact
-                sys.exit(f"error: cannot write to {out} ({e.strerror or e}); {how_to_continue(args, out, epoch - 1)}")
-            print(f"epoch {epoch}/{args.epochs}  D {d:.4f}  G {g:.4f}{f'  W {w:.4f}' if wgan else ''}  "
-                  f"{seconds:.1f} s  {steps_per_epoch * B / seconds:.0f} img/s", flush=True)
-            if stop:  # the signal came while saving: this epoch is whole on disk, and the run stops here
-                print(f"interrupted by {signal.Signals(stop[0]).name} while saving epoch {epoch}/{args.epochs}; "
-                      f"{how_to_continue(args, out, epoch, max(args.epochs, epoch + 1))}", file=sys.stderr)
-                sys.exit(128 + stop[0])
-    except torch.cuda.OutOfMemoryError:
-        sys.exit(f"error: out of {device.type} memory in epoch {epoch} at --batch-size {B}; try a smaller --batch-size"
-                 f"{' or --width' if hasattr(args, 'width') else ''}; {how_to_continue(args, out, epoch - 1)}")
-    finally:  # the folder is free for others again (a process that ends any other way frees it too)
-        lock.release()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    print(f"done: samples, progress.gif, metrics.csv, losses.png and checkpoint.pt in {out}")
+        with open(temporary, "wb") as f:
+            yield f
+        os.replace(temporary, path)
+    except RuntimeError as error:  # torch.save reports a full disk as a RuntimeError
+        if isinstance(error.__context__, OSError):
+            raise error.__context__
+        raise
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_grid(images, path, nrow=8):
+    with write_atomically(path) as f:
+        save_image(images.float() / 255, f, format="png", nrow=nrow, padding=2)
+
+
+def write_gif(out):
+    """progress.gif: the fixed-noise grids so far, in epoch order, each captioned, looping."""
+    from PIL import Image, ImageDraw
+    frames = []
+    for path in sorted(out.glob("samples_epoch*.png"), key=grid_epoch):
+        epoch = grid_epoch(path)
+        frame = Image.new("L", (242, 258))  # the 8x8 grid under a black strip for its caption
+        grey = Image.open(path).convert("L")
+        frame.paste(grey.point([value & 0xF8 for value in range(256)]), (0, 16))  # 32 greys: small
+        ImageDraw.Draw(frame).text((4, 3), f"epoch {epoch}", fill=255)
+        frames.append(frame)
+    durations = [400] * (len(frames) - 1) + [2000]  # rests on the last grid
+    with write_atomically(out / "progress.gif") as f:
+        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                       duration=durations)
+
+
+def grid_epoch(path):
+    return int(path.stem.removeprefix("samples_epoch"))  # samples_epoch005.png: 5
+
+
+def write_metrics(history, out, loss):
+    """metrics.csv, and losses.png: D's and G's losses, and for a WGAN W's estimate on its own."""
+    from matplotlib.figure import Figure  # drawn into a file, never shown (plt.show() blocks)
+    from matplotlib.ticker import MaxNLocator
+    lines = [",".join(history[0])]
+    for row in history:
+        lines.append(",".join(str(value) for value in row.values()))
+    with write_atomically(out / "metrics.csv") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+    wgan = loss in ("wgan", "wgan-gp")
+    epochs = [row["epoch"] for row in history]
+    figure = Figure(figsize=(6, 6.2 if wgan else 3.8), layout="tight")
+    panels = figure.subplots(2 if wgan else 1, 1, sharex=True, squeeze=False)[:, 0]
+    panels[0].plot(epochs, [row["d_loss"] for row in history], "o-", ms=3, label="D loss")
+    panels[0].plot(epochs, [row["g_loss"] for row in history], "o-", ms=3, label="G loss")
+    panels[0].set(ylabel="mean over the epoch", title=f"{loss}: losses")
+    panels[0].legend()
+    if wgan:  # the number to read for a WGAN (tutorial 4.4): its own axis, so its fall shows
+        estimate = [row["wasserstein_estimate"] for row in history]
+        panels[1].plot(epochs, estimate, "o-", ms=3, color="C2")
+        panels[1].set(ylabel="mean D(real) - mean D(fake)", title="W estimate")
+    panels[-1].set(xlabel="epoch")
+    panels[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    with write_atomically(out / "losses.png") as f:
+        figure.savefig(f, format="png", dpi=100)
 
 
 if __name__ == "__main__":
