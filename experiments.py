@@ -230,7 +230,12 @@ def draw(out, present):
             ax_l[i, j].plot(epochs, [float(h["d_loss"]) for h in hist], label="D")
             ax_l[i, j].plot(epochs, [float(h["g_loss"]) for h in hist], label="G")
             ax_l[i, j].tick_params(labelsize=7)
-            ax_l[i, j].legend(fontsize=7)
+            ax_l[i, j].legend(fontsize=7, loc="upper left")
+            if loss in ("wgan", "wgan-gp"):  # the number to read for a WGAN, on an axis of its own
+                w_axis = ax_l[i, j].twinx()
+                w_axis.plot(epochs, [float(h["wasserstein_estimate"]) for h in hist], color="C2", label="W")
+                w_axis.tick_params(labelsize=7, colors="C2")
+                w_axis.legend(fontsize=7, loc="upper right")
     fig_s.tight_layout()
     fig_s.savefig(out / "samples.png", dpi=80)
     fig_l.tight_layout()

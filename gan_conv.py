@@ -455,7 +455,9 @@ def check_listed_sum(path):
         return
     for line in sums.read_text().splitlines():
         expected, _, listed = line.partition("  ")
-        if Path(listed).name == path.name and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        if Path(listed).name != path.name:
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
             fail(f"{path} does not match its SHA-256 in {sums}: it is damaged; restore it with "
                  f"'git checkout -- {path}'")
 
@@ -478,8 +480,9 @@ def resumed_args(args, checkpoint):
         settings[name] = getattr(args, name)
     resumed = complete_args(argparse.Namespace(**settings))  # settings newer than the run: defaults
     if not args.generate and checkpoint["epoch"] >= resumed.epochs:
-        fail(f"{args.resume} has already trained {checkpoint['epoch']} epochs; ask for more with "
-             f"--epochs")
+        done = checkpoint["epoch"]
+        fail(f"{args.resume} has already trained {done} epochs; to train on, ask for more: python "
+             f"{os.path.relpath(__file__)} --resume {args.resume} --epochs {done + 10}")
     return resumed
 
 
