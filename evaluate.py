@@ -153,8 +153,8 @@ def evaluate_images(model, images, test_features, device=None):
     return {"fid": frechet_distance(test_features, features), **class_metrics(probs)}
 
 
-def generate(checkpoint, n, seed, device):
-    """n uint8 samples from a checkpoint of gan_fc.py or gan_conv.py, G in eval mode, seeded noise."""
+def load_generator(checkpoint, device=torch.device("cpu")):
+    """G of a checkpoint of gan_fc.py or gan_conv.py (a run's, or one in pretrained/), fp32 on device."""
     gan_fc.check_listed_sum(checkpoint)  # a pretrained file: the sum SHA256SUMS gives it
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)  # read once; runs no code
@@ -167,9 +167,15 @@ def generate(checkpoint, n, seed, device):
     args = module.parse_args(["--loss", ckpt["args"]["loss"]])  # a flag newer than the checkpoint: its loss's default
     vars(args).update(ckpt["args"])
     G, _ = module.build_models(args)
-    G.load_state_dict(ckpt["G"])
+    G.load_state_dict(ckpt["G"])  # fp16 weights (pretrained/) are copied into the fp32 model
+    return G.to(device), ckpt
+
+
+def generate(checkpoint, n, seed, device):
+    """n uint8 samples from a checkpoint of gan_fc.py or gan_conv.py, G in eval mode, seeded noise."""
+    G, ckpt = load_generator(checkpoint, device)
     z = torch.randn(n, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(seed))
-    return module.sample(G.to(device), z.to(device)), ckpt
+    return gan_fc.sample(G, z.to(device)), ckpt
 
 
 def command_of(script, settings):
