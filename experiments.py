@@ -1,13 +1,13 @@
 """The tutorial's experiment table, measured: 3 architectures x 4 losses, trained, evaluated, drawn.
 
     python experiments.py                                 # on a GPU: the tutorial's width 128, 50 epochs
-    python experiments.py --conv-width 32 --conv-epochs 10  # what fits on a 2-core CPU (the README's table)
+    python experiments.py --conv-width 32 --conv-epochs 10  # what fits on a 2-core CPU (docs/experiments.md)
     python experiments.py --seeds 0 1 2 --only fc_bce fc_lsgan  # three seeds a cell: median [min-max]
     python experiments.py --seeds 0 1 2 --tutorial-epochs 10 --only tutorial_10ep fc_bce_10ep
 
 Trains every (architecture, loss) cell with the scripts' defaults into runs/table/, once per seed (a
 finished run is skipped, a partial one resumed), scores each final checkpoint with evaluate.py (once:
-scores are kept in runs/table/results.csv), and writes runs/table/table.md (the README's table),
+scores are kept in runs/table/results.csv), and writes runs/table/table.md (the table of docs/experiments.md),
 samples.png (the fixed-noise grid of every cell, lowest seed) and losses.png (its loss curves).
 GAN training is noisy: Lucic et al. 2018 (arXiv 1711.10337) compare losses over seeds, so does this.
 """
@@ -22,6 +22,12 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout  # installed with PyTorch
+
+import evaluate as scorer  # evaluate.py, called in this process: no second start of PyTorch
+import gan_conv
+import gan_fc
+
+SCRIPTS = {"gan_fc.py": gan_fc, "gan_conv.py": gan_conv}  # their runs train in this process too
 
 ARCHS = {"FC G / FC D (a)": ("gan_fc.py",), "conv G / FC D (b)": ("gan_conv.py", "--disc", "fc"),
          "conv G / conv D (c)": ("gan_conv.py",)}
@@ -60,10 +66,15 @@ def main(argv=None):
                     extra = data if "bench.py" in cmd[1] else flags  # bench.py's tutorial loop trains on all images
                     if not train(folders[seed], epochs, cmd + extra + ["--seed", str(seed)]):
                         elsewhere.append((folders[seed], epochs))
-    except (KeyboardInterrupt, subprocess.CalledProcessError) as e:  # the run itself has said why, in its line
+    except (KeyboardInterrupt, SystemExit, subprocess.CalledProcessError) as e:  # the run has said why
+        code = 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "returncode", None)
+        if isinstance(e, SystemExit):  # a script's main(): its error line, or the signal's exit status
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else 1
         print("experiments.py stopped; the same command continues: finished runs are skipped, the stopped one "
               "resumes", file=sys.stderr)
-        sys.exit(e.returncode if isinstance(e, subprocess.CalledProcessError) else 130)
+        sys.exit(code)
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(out / ".table.lock"):  # one process at a time scores and writes the table
         rows = evaluate(out, [f / "checkpoint.pt" for c in cells.values() for f in c[1].values()
@@ -137,10 +148,20 @@ def train(folder, epochs, cmd):
         done = epochs_done(folder)
         if done < epochs:
             resume = ["--resume", str(folder / "checkpoint.pt")] if done else []
-            subprocess.run(cmd + ["--out", str(folder)] + resume, check=True)
+            run_command(cmd + ["--out", str(folder)] + resume)
         return True
     finally:
         mine.release()
+
+
+def run_command(cmd):
+    """A cell's command: gan_fc.py's or gan_conv.py's main() in this process (PyTorch starts once, not
+    once a run), bench.py's tutorial loop as a process of its own."""
+    script = SCRIPTS.get(cmd[1])
+    if script is None:
+        subprocess.run(cmd, check=True)
+    else:
+        script.main(cmd[2:])
 
 
 def evaluate(out, checkpoints, flags=()):
@@ -151,7 +172,7 @@ def evaluate(out, checkpoints, flags=()):
              if rows.get(str(c), {}).get("epoch") != str(load(c)["epoch"])]
     floor = [] if any(w.startswith("floor") for w in rows) else ["--floor"]
     if stale or floor:
-        subprocess.run([sys.executable, "evaluate.py", *flags, *floor, "--results", str(results), *stale], check=True)
+        scorer.main([*flags, *floor, "--results", str(results), *stale])
     return read_results(results)
 
 
@@ -223,8 +244,11 @@ def draw(out, present):
             if (arch, loss) not in present:
                 continue
             folder = present[(arch, loss)]
-            grids = sorted(folder.glob("samples_epoch*.png"))
-            ax_s[i, j].imshow(Image.open(grids[-1]).crop((0, 0, 122, 122)), cmap="gray")  # 4x4 of the 8x8
+            grids = sorted(folder.glob("samples_epoch*.png"))  # none yet while another process trains it
+            if grids:
+                ax_s[i, j].imshow(Image.open(grids[-1]).crop((0, 0, 122, 122)), cmap="gray")  # 4x4 of the 8x8
+            if not (folder / "metrics.csv").exists():
+                continue
             hist = list(csv.DictReader(open(folder / "metrics.csv")))  # small, unlike the checkpoint
             epochs = [int(h["epoch"]) for h in hist]
             ax_l[i, j].plot(epochs, [float(h["d_loss"]) for h in hist], label="D")
@@ -240,7 +264,7 @@ def draw(out, present):
     fig_s.savefig(out / "samples.png", dpi=80)
     fig_l.tight_layout()
     fig_l.savefig(out / "losses.png", dpi=80)
-    # Small files for the README: the sample figure is all grey, the loss figure has a few colours.
+    # Small files for the docs: the sample figure is all grey, the loss figure has a few colours.
     Image.open(out / "samples.png").convert("L").save(out / "samples.png", optimize=True)
     Image.open(out / "losses.png").convert("RGB").quantize(64).save(out / "losses.png", optimize=True)
     print(f"wrote {out / 'table.md'}, {out / 'samples.png'} and {out / 'losses.png'}")

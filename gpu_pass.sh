@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU pass: every CUDA number of the README in one command, on one CUDA GPU, with no network.
+# The GPU pass: every CUDA number of the docs (docs/speed.md) in one command, on one CUDA GPU, with no network.
 #
 #   bash gpu_pass.sh OUT       # writes OUT/gpu_pass.tar.gz (a few MB: no checkpoints) and prints a summary
 #
@@ -77,7 +77,7 @@ step evaluate 60 python evaluate.py --device "$DEVICE" --floor --results "$W/mai
 # 3. Speed of the main job's step, 4. the tests with the CUDA ones (in parallel where pytest-xdist is
 # installed), 5. speed of the other architectures, 6. torch.compile last: it compiles for a minute or more,
 # so it runs alone, after everything else is safe (a step cut off at its limit prints nothing).
-parallel=$(python -c "import xdist; print('-n 8')" 2> /dev/null)
+parallel=$(python -c "import xdist; print('-n 8')" 2> /dev/null || echo "-o addopts=")  # pytest.ini's -n needs xdist
 quick="channels_last tf32 cudnn_benchmark"
 # shellcheck disable=SC2086
 {
