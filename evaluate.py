@@ -260,6 +260,8 @@ def main(argv=None):
     p.add_argument("checkpoints", nargs="*", help="checkpoint.pt files of gan_fc.py or gan_conv.py")
     p.add_argument("--samples", type=int, default=10000, help="samples per checkpoint (default: 10000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples' noise (default: 0)")
+    p.add_argument("--test-images", type=int, help="compare with the first N of the 10,000 test images "
+                   "(a quick look; the FID comes out higher; default: all)")
     p.add_argument("--floor", action="store_true", help="score 10k real training images and uniform noise")
     p.add_argument("--train-classifier", action="store_true", help="retrain fmnist_classifier.pt")
     p.add_argument("--pretrained", metavar="FILE", help="write the one checkpoint's G, fp16, with its scores, to "
@@ -271,6 +273,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.samples < 2:
         p.error("--samples must be at least 2")
+    if args.test_images is not None and args.test_images < 2:
+        p.error("--test-images must be at least 2")
     if args.train_classifier:
         train_classifier(args.data_root)
         return
@@ -283,7 +287,8 @@ def main(argv=None):
         export_pretrained(args.checkpoints[0], args.pretrained, args.samples, args.seed, args.data_root, device)
         return
     model = load_classifier()
-    test_features = predict(model, gan_fc.load_fashion_mnist(args.data_root, train=False)[0], device=device)[0]
+    test_images = gan_fc.load_fashion_mnist(args.data_root, train=False)[0][:args.test_images]
+    test_features = predict(model, test_images, device=device)[0]
     if args.floor:
         train_images = gan_fc.load_fashion_mnist(args.data_root, train=True)[0]
         g = torch.Generator().manual_seed(args.seed)

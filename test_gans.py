@@ -860,6 +860,11 @@ def test_evaluate_command_line_prints_and_appends_the_rows_it_computes(fake_data
         "fid_fmnist"]) == float(row["fid_fmnist"])  # seeded samples: the same score again
     exits_with_one_line(evaluate.main, cmd[2:] + [tmp_path / "nope.pt"], f"cannot read checkpoint {tmp_path / 'nope.pt'}",
                         "no such file")
+    exits_with_one_line(evaluate.main, cmd[2:] + ["--test-images", "1", ckpt], "--test-images must be at least 2")
+    evaluate.main(cmd[2:] + ["--test-images", "32", str(ckpt)])  # against the first 32 test images only
+    fewer = list(csv.DictReader(open(results)))[-1]
+    half = evaluate.predict(model, gan_fc.load_fashion_mnist(fake_data, train=False)[0][:32])[0]
+    assert float(fewer["fid_fmnist"]) == pytest.approx(evaluate.frechet_distance(half, evaluate.predict(model, images)[0]), abs=2e-3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1572,42 +1577,37 @@ def test_the_setup_cell_clones_once_survives_a_restart_and_without_files_stops_w
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not on this machine")
-def test_the_lesson_runs_top_to_bottom_in_a_real_kernel_and_draws_its_pictures(tmp_path, monkeypatch):
-    # lesson.zh-CN.ipynb has the same code cells (tested above), so it runs as this one does
+@pytest.mark.parametrize("name", LESSONS)  # one test each: two workers run them side by side
+def test_each_lesson_runs_top_to_bottom_in_a_real_kernel_and_draws_its_pictures(name, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
     monkeypatch.setenv("LESSON_QUICK", "1")  # every training cell tiny
-
-    def run(name):
-        folder = tmp_path / name.split(".ipynb")[0]  # a fresh copy of the project, as a student's clone
-        folder.mkdir()
-        for f in ("gan_fc.py", "gan_conv.py", "losses.py", "evaluate.py", "fmnist_classifier.pt"):
-            shutil.copy(HERE / f, folder / f)
-        shutil.copytree(HERE / "assets", folder / "assets")
-        shutil.copytree(HERE / "pretrained", folder / "pretrained")
-        nb = nbformat.read(HERE / name, as_version=4)
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
-        return nb, folder
-    results = [run(LESSONS[0])]
-    for nb, folder in results:
-        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-        assert not [o for o in outputs if o.output_type == "error"]
-        images = [k for o in outputs if o.output_type == "display_data" for k in o.data if k.startswith("image/")]
-        assert images.count("image/png") >= 16 and images.count("image/gif") == 1, images  # every picture drawn
-        printed = "".join(o.text for o in outputs if o.output_type == "stream")
-        checks = [line.split(":")[-1].strip() for line in printed.split("after one d_step:")[1].split("Generator(")[0]
-                  .splitlines() if line.startswith("  ")]
-        assert checks == ["True"] * 6  # the detach checks of section 3, printed by the lesson itself
-        assert "slope of the non-saturating loss  -0.9975" in printed
-        assert "FID (FMNIST features)" in printed and "appended to" in printed  # evaluate.py's scores, inline
-        assert "pretrained/fc_bce.pt: python gan_fc.py --epochs 50, epoch 50" in printed  # right after the set-up
-        largest = float(re.search(r"largest \|w\| ([0-9.]+) \(c = 0.01\)", printed).group(1))
-        assert largest <= 0.01  # clipped
-        assert re.search(r"the penalty E\[\(\|\|grad D\(x~\)\|\| - 1\)\^2\]: [0-9.]+ for the fresh critic", printed)
-        runs = sorted(p.name for p in (folder / "runs").iterdir())
-        assert len(runs) == 2 and all((folder / "runs" / r / "checkpoint.pt").exists() for r in runs)
-        assert (folder / "runs" / runs[-1] / "interpolation.png").exists() or (
-            folder / "runs" / runs[0] / "interpolation.png").exists()
+    folder = tmp_path / "clone"  # a fresh copy of the project, as a student's clone
+    folder.mkdir()
+    for f in ("gan_fc.py", "gan_conv.py", "losses.py", "evaluate.py", "fmnist_classifier.pt"):
+        shutil.copy(HERE / f, folder / f)
+    shutil.copytree(HERE / "assets", folder / "assets")
+    shutil.copytree(HERE / "pretrained", folder / "pretrained")
+    nb = nbformat.read(HERE / name, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [k for o in outputs if o.output_type == "display_data" for k in o.data if k.startswith("image/")]
+    assert images.count("image/png") >= 16 and images.count("image/gif") == 1, images  # every picture drawn
+    printed = "".join(o.text for o in outputs if o.output_type == "stream")
+    checks = [line.split(":")[-1].strip() for line in printed.split("after one d_step:")[1].split("Generator(")[0]
+              .splitlines() if line.startswith("  ")]
+    assert checks == ["True"] * 6  # the detach checks of section 3, printed by the lesson itself
+    assert "slope of the non-saturating loss  -0.9975" in printed
+    assert "FID (FMNIST features)" in printed and "appended to" in printed  # evaluate.py's scores, inline
+    assert "pretrained/fc_bce.pt: python gan_fc.py --epochs 50, epoch 50" in printed  # right after the set-up
+    largest = float(re.search(r"largest \|w\| ([0-9.]+) \(c = 0.01\)", printed).group(1))
+    assert largest <= 0.01  # clipped
+    assert re.search(r"the penalty E\[\(\|\|grad D\(x~\)\|\| - 1\)\^2\]: [0-9.]+ for the fresh critic", printed)
+    runs = sorted(p.name for p in (folder / "runs").iterdir())
+    assert len(runs) == 2 and all((folder / "runs" / r / "checkpoint.pt").exists() for r in runs)
+    assert (folder / "runs" / runs[-1] / "interpolation.png").exists() or (
+        folder / "runs" / runs[0] / "interpolation.png").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
