@@ -67,11 +67,15 @@ def main(argv=None):
                     if not train(folders[seed], epochs, cmd + extra + ["--seed", str(seed)]):
                         elsewhere.append((folders[seed], epochs))
     except (KeyboardInterrupt, SystemExit, subprocess.CalledProcessError) as e:  # the run has said why
-        code = 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "returncode", None)
-        if isinstance(e, SystemExit):  # a script's main(): its error line, or the signal's exit status
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-            code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e, KeyboardInterrupt):
+            code = 130
+        elif isinstance(e, subprocess.CalledProcessError):  # bench.py's process
+            code = e.returncode
+        elif isinstance(e.code, int):  # a script's main(), stopped by a signal: 130 or 143
+            code = e.code
+        else:  # a script's main() failed: its one error line, which Python prints at an exit
+            print(e.code, file=sys.stderr)
+            code = 1
         print("experiments.py stopped; the same command continues: finished runs are skipped, the stopped one "
               "resumes", file=sys.stderr)
         sys.exit(code)

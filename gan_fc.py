@@ -440,8 +440,8 @@ def resumed_args(args, checkpoint):
     resumed = complete_args(argparse.Namespace(**settings))  # settings newer than the run: defaults
     if not args.generate and checkpoint["epoch"] >= resumed.epochs:
         done = checkpoint["epoch"]
-        fail(f"{args.resume} has already trained {done} epochs; to train on, ask for more: python "
-             f"{os.path.relpath(__file__)} --resume {args.resume} --epochs {done + 10}")
+        more = resume_command(args.resume, f" --epochs {done + 10}")
+        fail(f"{args.resume} has already trained {done} epochs; to train on, ask for more: {more}")
     return resumed
 
 
@@ -597,8 +597,13 @@ def how_to_continue(run, flags=""):
         return ("nothing was saved yet (the first checkpoint is written after epoch 1); run the "
                 "same command again" + (f" with{flags}" if flags else ""))
     checkpoint = run.out / "checkpoint.pt"
-    return (f"epoch {run.epoch} is saved in {checkpoint}; continue with: python "
-            f"{os.path.relpath(__file__)} --resume {checkpoint}{flags}")
+    command = resume_command(checkpoint, flags)
+    return f"epoch {run.epoch} is saved in {checkpoint}; continue with: {command}"
+
+
+def resume_command(checkpoint, flags=""):
+    """The command that continues the run whose checkpoint this is, with any flags to change."""
+    return f"python {os.path.relpath(__file__)} --resume {checkpoint}{flags}"
 
 
 def output_folder(args):
@@ -669,9 +674,9 @@ def claim_folder(out, args):
     if existing.is_file() and not resuming_it:
         lock.release()  # refused: the folder stays free for its own run's --resume
         epoch = load_checkpoint(existing, training=False).get("epoch", 0)
-        command = f"python {os.path.relpath(__file__)} --resume {existing}"
-        fail(f"{out} holds a run: epoch {epoch} is saved in {existing}; continue with: {command} "
-             f"--epochs {max(args.epochs, epoch + 1)}; or choose another --out")
+        command = resume_command(existing, f" --epochs {max(args.epochs, epoch + 1)}")
+        fail(f"{out} holds a run: epoch {epoch} is saved in {existing}; continue with: "
+             f"{command}; or choose another --out")
     write_pid(out)
     return out, lock
 

@@ -849,7 +849,8 @@ def test_evaluate_command_line_prints_and_appends_the_rows_it_computes(fake_data
     assert (row["script"], row["loss"], row["epoch"], row["samples"]) == ("gan_conv", "lsgan", "2", "300")
     model = evaluate.load_classifier()  # the same numbers, computed here through the module
     images, _ = evaluate.generate(ckpt, 300, 0, torch.device("cpu"))
-    test_features = evaluate.predict(model, gan_fc.load_fashion_mnist(fake_data, train=False)[0])[0]
+    test_images = gan_fc.load_fashion_mnist(fake_data, train=False)[0]
+    test_features = evaluate.predict(model, test_images)[0]
     m = evaluate.evaluate_images(model, images, test_features)
     assert float(row["fid_fmnist"]) == pytest.approx(m["fid"], abs=2e-3)
     assert int(row["classes_covered"]) == m["classes_covered"] and f"{m['fid']:.2f}" in first.stdout
@@ -863,8 +864,9 @@ def test_evaluate_command_line_prints_and_appends_the_rows_it_computes(fake_data
     exits_with_one_line(evaluate.main, cmd[2:] + ["--test-images", "1", ckpt], "--test-images must be at least 2")
     evaluate.main(cmd[2:] + ["--test-images", "32", str(ckpt)])  # against the first 32 test images only
     fewer = list(csv.DictReader(open(results)))[-1]
-    half = evaluate.predict(model, gan_fc.load_fashion_mnist(fake_data, train=False)[0][:32])[0]
-    assert float(fewer["fid_fmnist"]) == pytest.approx(evaluate.frechet_distance(half, evaluate.predict(model, images)[0]), abs=2e-3)
+    against_32 = evaluate.frechet_distance(evaluate.predict(model, test_images[:32])[0],
+                                           evaluate.predict(model, images)[0])
+    assert float(fewer["fid_fmnist"]) == pytest.approx(against_32, abs=2e-3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1090,8 +1092,9 @@ def test_an_interrupted_run_says_how_to_resume_and_resuming_gives_the_uninterrup
     line = proc.stderr_text.strip().splitlines()[-1]
     saved = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]  # a complete checkpoint
     assert 1 <= saved < 4
-    during = (f"in epoch {saved + 1}/4", f"while saving epoch {saved}/4")  # after the epoch's files, or among them
-    assert any(line.startswith(f"interrupted by {sig.name} {when}; epoch {saved} is saved in") for when in during), line
+    during = (f"in epoch {saved + 1}/4", f"while saving epoch {saved}/4")  # after the epoch's files, or among
+    assert any(line.startswith(f"interrupted by {sig.name} {when}; epoch {saved} is saved in")
+               for when in during), line
     command = line.split("continue with: ")[1].split()
     assert command == ["python", f"{script}.py", "--resume", str(out / "checkpoint.pt")]  # the run keeps its flags
     assert not list(out.glob("*.tmp"))
@@ -1533,6 +1536,14 @@ def test_the_two_lessons_share_their_code_import_the_scripts_and_are_committed_w
     assert any("生成器" in c.source for c in books[1].cells if c.cell_type == "markdown")
 
 
+def copy_the_lesson_files(folder):
+    """What the lesson's set-up cell looks for (its FILES), as in a student's or teacher's copy."""
+    folder.mkdir()
+    for name in ("gan_fc.py", "gan_conv.py", "losses.py", "evaluate.py", "fmnist_classifier.pt"):
+        shutil.copy(HERE / name, folder / name)
+    shutil.copytree(HERE / "pretrained", folder / "pretrained")
+
+
 def run_in_a_kernel(sources, folder):
     """Each source a cell, run in order in a fresh Jupyter kernel in folder, errors kept as outputs."""
     import nbformat
@@ -1551,10 +1562,7 @@ def test_the_setup_cell_clones_once_survives_a_restart_and_without_files_stops_w
     assert setup.count('PROJECT_URL = ""') == 1
     assert "requirements" not in setup and "pytest" not in setup and "nbclient" not in setup  # no test tools
     origin = tmp_path / "origin"  # a teacher's copy of the project: a throwaway git repository
-    origin.mkdir()
-    for name in ("gan_fc.py", "gan_conv.py", "losses.py", "evaluate.py", "fmnist_classifier.pt"):
-        shutil.copy(HERE / name, origin / name)
-    shutil.copytree(HERE / "pretrained", origin / "pretrained")
+    copy_the_lesson_files(origin)
     git = ["git", "-C", str(origin), "-c", "user.name=teacher", "-c", "user.email=teacher@example.org"]
     for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "the course's copy"]):
         subprocess.run(git + command, check=True, capture_output=True)
@@ -1584,11 +1592,8 @@ def test_each_lesson_runs_top_to_bottom_in_a_real_kernel_and_draws_its_pictures(
     from nbclient import NotebookClient
     monkeypatch.setenv("LESSON_QUICK", "1")  # every training cell tiny
     folder = tmp_path / "clone"  # a fresh copy of the project, as a student's clone
-    folder.mkdir()
-    for f in ("gan_fc.py", "gan_conv.py", "losses.py", "evaluate.py", "fmnist_classifier.pt"):
-        shutil.copy(HERE / f, folder / f)
+    copy_the_lesson_files(folder)
     shutil.copytree(HERE / "assets", folder / "assets")
-    shutil.copytree(HERE / "pretrained", folder / "pretrained")
     nb = nbformat.read(HERE / name, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
