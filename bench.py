@@ -132,6 +132,21 @@ def tutorial_side(args, data):
     return step
 
 
+class CompiledCritic(nn.Module):
+    """D compiled for its scores, and plain for the gradient penalty, whose double backward torch.compile
+    lacks (pytorch issue 91469). The penalty's call is the one whose input is a leaf that requires a gradient
+    (the interpolates); the G step's fakes require one too, but come out of G."""
+    def __init__(self, critic, backend):
+        super().__init__()
+        self.plain = critic
+        self.compiled = torch.compile(critic, backend=backend)  # shares the plain module's weights
+
+    def forward(self, x, labels=None):
+        if x.is_leaf and x.requires_grad:
+            return self.plain(x, labels)
+        return self.compiled(x, labels)
+
+
 def project_side(args, data, amp, levers=()):
     """The scripts' loop body: resident uint8 data, one G forward, d_step and g_step as imported; with levers."""
     device = args.device
@@ -141,8 +156,8 @@ def project_side(args, data, amp, levers=()):
     opt_g, opt_d = module.make_optimizers(G, D, a, device)
     memory = torch.channels_last if "channels_last" in levers else torch.contiguous_format
     G, D = G.to(memory_format=memory), D.to(memory_format=memory)
-    if "compile" in levers:  # compiled modules share the plain ones' weights; d_step runs the penalty through D's plain one
-        G, D = (torch.compile(m, backend=args.compile_backend) for m in (G, D))
+    if "compile" in levers:  # compiled modules share the plain ones' weights
+        G, D = torch.compile(G, backend=args.compile_backend), CompiledCritic(D, args.compile_backend)
     data = data.to(device)
     B, state = a.batch_size, {"step": 0, "perm": torch.randperm(len(data), device=device), "i": 0}
     precision, benchmark = ("high" if "tf32" in levers else "highest"), "cudnn_benchmark" in levers

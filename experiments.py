@@ -12,6 +12,7 @@ samples.png (the fixed-noise grid of every cell, lowest seed) and losses.png (it
 GAN training is noisy: Lucic et al. 2018 (arXiv 1711.10337) compare losses over seeds, so does this.
 """
 import argparse
+import copy
 import csv
 import os
 import platform
@@ -50,11 +51,17 @@ def main(argv=None):
     p.add_argument("--data-root", help="where FashionMNIST/ is, for every run and evaluate.py (default: ./data)")
     p.add_argument("--train-images", type=int, help="train on the first N images only, for a quick check")
     p.add_argument("--samples", type=int, default=10000, help="evaluate.py's samples per checkpoint (default: 10000)")
+    p.add_argument("--ema-tries", choices=EMA_RUNS, help="instead of the table: train EMA_RUNS' run into --out "
+                   "with several averages of G side by side (docs/experiments.md)")
     p.error = lambda message: sys.exit(f"error: {message}")
     args = p.parse_args(argv)
     if min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
         p.error(f"--seeds must be distinct and not negative, got {' '.join(map(str, args.seeds))}")
     out = Path(args.out)
+    if args.ema_tries:
+        data = ["--data-root", args.data_root] if args.data_root else []
+        ema_tries(args.ema_tries, out, data)
+        return
     cells = make_cells(out, args.fc_epochs, args.conv_epochs, args.conv_width, args.seeds, args.tutorial_epochs)
     data = ["--data-root", args.data_root] if args.data_root else []
     flags = data + (["--train-images", str(args.train_images)] if args.train_images else [])
@@ -272,6 +279,65 @@ def draw(out, present):
     Image.open(out / "samples.png").convert("L").save(out / "samples.png", optimize=True)
     Image.open(out / "losses.png").convert("RGB").quantize(64).save(out / "losses.png", optimize=True)
     print(f"wrote {out / 'table.md'}, {out / 'samples.png'} and {out / 'losses.png'}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The averaged generator's tries (docs/experiments.md): one run, several averages
+# ------------------------------------------------------------------------------------------------------------
+EMA_RUNS = {"conv": ["gan_conv.py", "--loss", "wgan-gp", "--width", "32", "--epochs", "50", "--ema"],
+            "fc": ["gan_fc.py", "--epochs", "50", "--ema"]}
+EMA_OTHERS = {"0.999, no warm-up": (0.999, False), "0.9999, warm-up": (0.9999, True),
+              "0.9999, no warm-up": (0.9999, False)}  # beside --ema's own: 0.999 with its warm-up
+SNAPSHOTS = (5, 10, 20, 30, 40, 50)
+
+
+def ema_tries(name, out, flags=()):
+    """Train EMA_RUNS[name] into out/ with --ema, and keep the averages of EMA_OTHERS beside the run's own,
+    each updated after the same G steps: an average never changes training, so one run gives them all. After
+    every epoch out/averages/epochNNN.pt holds G, the run's average and the others (kept at SNAPSHOTS epochs
+    and the last); stopped, the same command resumes."""
+    script, *argv = EMA_RUNS[name]
+    module = SCRIPTS[script]
+    folder = out / "averages"
+    folder.mkdir(parents=True, exist_ok=True)
+    others = {}
+    done = epochs_done(out)
+    if done:
+        saved = torch.load(folder / f"epoch{done:03d}.pt", weights_only=True)["others"]
+        argv += ["--resume", str(out / "checkpoint.pt")]
+    update_run_average = module.update_average
+    end_run_epoch = module.end_epoch
+
+    def update_every_average(G_ema, G, decay, g_steps):
+        if not others:  # the first update: every average starts where the run's does
+            for label in EMA_OTHERS:
+                others[label] = copy.deepcopy(G_ema)
+                if done:
+                    others[label].load_state_dict(saved[label])
+        update_run_average(G_ema, G, decay, g_steps)
+        for label, (other_decay, warm_up) in EMA_OTHERS.items():
+            steps = g_steps if warm_up else 10**12  # no warm-up: (1 + t) / (10 + t) is 1 at once
+            update_run_average(others[label], G, other_decay, steps)
+
+    def end_epoch(run, G, D, opt_g, opt_d, grid, G_ema=None):
+        epoch = run.epoch + 1  # before the checkpoint: a resume always finds its epoch's averages
+        state = {"epoch": epoch, "G": G.state_dict(), "G_ema": G_ema.state_dict(),
+                 "others": {label: average.state_dict() for label, average in others.items()}}
+        with module.write_atomically(folder / f"epoch{epoch:03d}.pt") as f:
+            torch.save(state, f)
+        for old in folder.glob("epoch*.pt"):
+            old_epoch = int(old.stem.removeprefix("epoch"))
+            if old_epoch < epoch - 1 and old_epoch not in SNAPSHOTS:
+                old.unlink()
+        end_run_epoch(run, G, D, opt_g, opt_d, grid, G_ema)
+
+    module.update_average = update_every_average
+    module.end_epoch = end_epoch
+    try:
+        module.main([*argv, *flags, "--out", str(out)])
+    finally:
+        module.update_average = update_run_average
+        module.end_epoch = end_run_epoch
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ From section 3 on, gan_conv.py is this file word for word. The losses are in los
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import gzip
 import hashlib
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from filelock import FileLock, Timeout  # installed with PyTorch
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -36,22 +38,22 @@ SCRIPT = "gan_fc"
 # BCE and LSGAN train with the tutorial's settings (DCGAN's, arXiv 1511.06434); the WGANs with their
 # paper's Algorithm 1: WGAN (1701.07875) at lr 1e-4, not 5e-5, which is too slow for 50 epochs
 # (docs/experiments.md), and WGAN-GP (1704.00028) as printed.
-DEFAULTS = dict(loss="bce", epochs=50, latent_dim=100, clip=0.01, gp_weight=10.0, seed=0,
-                device="auto", data_root="data", train_images=60000, sample_every=5, amp=False)
+DEFAULTS = dict(loss="bce", epochs=50, latent_dim=100, clip=0.01, gp_weight=10.0, cond=False,
+                ema=0.0, seed=0, device="auto", data_root="data", train_images=60000,
+                sample_every=5, amp=False)
 LOSS_DEFAULTS = {
     "bce": dict(lr=2e-4, betas=(0.5, 0.999), n_critic=1, batch_size=128),
     "lsgan": dict(lr=2e-4, betas=(0.5, 0.999), n_critic=1, batch_size=128),
     "wgan": dict(lr=1e-4, betas=None, n_critic=5, batch_size=64),  # RMSprop: no betas
     "wgan-gp": dict(lr=1e-4, betas=(0.0, 0.9), n_critic=5, batch_size=128),
 }
-FIXED_ON_RESUME = ("loss", "latent_dim", "seed")  # --resume keeps them
+EMA_DECAY = 0.999  # a bare --ema (docs/experiments.md measures it against 0.9999)
 SPEED_HINT = "--train-images 6000 trains on a tenth of the images, for a first look"
 
 
-def parse_args(argv=None):
-    """The command line, with every setting not given taken from the defaults above."""
+def command_line():
+    """The flags. Each is None unless given, so a resumed run can tell what was typed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.error = fail  # one line, no usage dump
     parser.add_argument("--loss", choices=LOSSES, help="the GAN loss, tutorial 4 (default: bce)")
     parser.add_argument("--epochs", type=int, help="passes over the training set (default: 50)")
     parser.add_argument("--batch-size", type=int,
@@ -64,6 +66,10 @@ def parse_args(argv=None):
                         help=f"D steps per G step (default: {per_loss('n_critic')})")
     parser.add_argument("--clip", type=float, help="wgan: clip critic weights to [-c, c] (0.01)")
     parser.add_argument("--gp-weight", type=float, help="wgan-gp: the penalty's weight lambda (10)")
+    parser.add_argument("--cond", action="store_true", default=None,
+                        help="a class-conditional GAN: G and D are told each image's class")
+    parser.add_argument("--ema", type=float, nargs="?", const=EMA_DECAY, metavar="DECAY",
+                        help=f"also keep an average of G to sample from (bare: {EMA_DECAY})")
     parser.add_argument("--seed", type=int, help="seed of weights, noise and batches (default: 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"),
                         help="auto: CUDA, else MPS, else the CPU (default: auto)")
@@ -78,9 +84,9 @@ def parse_args(argv=None):
                         help="continue the run of this checkpoint.pt, with its own settings")
     parser.add_argument("--generate", type=int, metavar="N",
                         help="with --resume: write N samples and a latent walk, train nothing")
-    args = parser.parse_args(argv)
-    args.given = [name for name, value in vars(args).items() if value is not None]
-    return complete_args(args)
+    parser.add_argument("--class", dest="class_name", metavar="NAME",
+                        help="with --generate, a --cond run: this class only, by name or 0-9")
+    return parser
 
 
 def per_loss(setting):
@@ -103,9 +109,15 @@ def complete_args(args):
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.lr <= 0 or args.clip <= 0 or args.gp_weight < 0:
         fail("--lr and --clip must be positive, and --gp-weight not negative")
+    if not 0 <= args.ema < 1:
+        fail(f"--ema takes a decay from 0 to 1, such as {EMA_DECAY}, got {args.ema:g}")
     if args.generate is not None and (args.generate < 1 or not args.resume):
         fail("--generate N needs N >= 1 and --resume CHECKPOINT")
+    if getattr(args, "class_name", None) is not None and args.generate is None:
+        fail("--class NAME goes with --generate N (and --resume of a --cond run)")
     args.name = f"fc_{args.loss}"  # the default folder is runs/<name>
+    if args.cond:
+        args.name += "_cond"
     return args
 
 
@@ -113,23 +125,26 @@ def complete_args(args):
 # 2. Models (tutorial 2.2): G maps noise z to a 1x28x28 image in [-1, 1]; D maps an image to a score
 # ==================================================================================================
 class Generator(nn.Module):
-    def __init__(self, latent_dim=100):
+    # With --cond, z is followed by the class, one-hot (Mirza & Osindero, arXiv 1411.1784).
+    def __init__(self, latent_dim=100, classes=0):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(latent_dim, 256), nn.ReLU(),
+            nn.Linear(latent_dim + classes, 256), nn.ReLU(),
             nn.Linear(256, 512), nn.ReLU(),
             nn.Linear(512, 1024), nn.ReLU(),
             nn.Linear(1024, 28 * 28), nn.Tanh(),  # pixels in [-1, 1], as the normalised data
         )
 
-    def forward(self, z):
+    def forward(self, z, labels=None):
+        if labels is not None:  # --cond: the class joins the noise
+            z = torch.cat([z, one_hot(labels)], dim=1)
         return self.net(z).view(-1, 1, 28, 28)
 
 
 class Discriminator(nn.Module):
     # No final Sigmoid: D returns a raw score (a logit). BCE applies the sigmoid inside, which is
     # stable and allowed under autocast; LSGAN and the WGANs want the raw score (tutorial 4.2, 4.4).
-    def __init__(self, dropout=0.3):
+    def __init__(self, dropout=0.3, classes=0):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(28 * 28, 1024), nn.LeakyReLU(0.2), nn.Dropout(dropout),
@@ -137,68 +152,69 @@ class Discriminator(nn.Module):
             nn.Linear(512, 256), nn.LeakyReLU(0.2),
             nn.Linear(256, 1),
         )
+        if classes:  # --cond: a learned vector per class, one value a feature of the last layer
+            self.embed = nn.Embedding(classes, 256)
+            nn.init.zeros_(self.embed.weight)  # the class term starts at 0: at first, the plain D
 
-    def forward(self, x):
-        return self.net(x.flatten(1))
+    def forward(self, x, labels=None):
+        x = x.flatten(1)
+        if labels is None:
+            return self.net(x)
+        # --cond: the projection D (Miyato & Koyama, arXiv 1802.05637, eq. 3): the score, plus the
+        # agreement of the class's vector with the last hidden layer's 256 features.
+        features = self.net[:-1](x)
+        return self.net[-1](features) + (self.embed(labels) * features).sum(1, keepdim=True)
+
+
+def one_hot(labels):
+    """--cond: class indices (N,) as one-hot rows (N, 10), which G's first layer multiplies by its
+    weights: one learned column per class, which is what nn.Embedding would give. Rows of class
+    weights (N, 10) pass as they are: a walk from one class to another."""
+    if labels.is_floating_point():
+        return labels
+    return F.one_hot(labels, len(CLASS_NAMES)).float()
 
 
 def build_models(args):
+    classes = 0
+    if args.cond:  # --cond: G and D are told the class (Mirza & Osindero, arXiv 1411.1784)
+        classes = len(CLASS_NAMES)
     # A WGAN critic is one fixed function, whose slope clipping or the penalty bounds: no Dropout.
     dropout = 0.3
     if args.loss in ("wgan", "wgan-gp"):
         dropout = 0.0
-    return Generator(args.latent_dim), Discriminator(dropout)
+    return Generator(args.latent_dim, classes), Discriminator(dropout, classes)
 
 
 # ==================================================================================================
-# 3. Data: the whole training set as one uint8 tensor on the device; no DataLoader, no transforms
+# 3. Data: Fashion-MNIST, 60,000 training images, as one uint8 tensor on the device
 # ==================================================================================================
-DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Boot")  # label 0 to 9 (the dataset's own names: T-shirt/top, Ankle boot)
 
 
-def load_fashion_mnist(root, train=True, debian_dir=DEBIAN_DIR):
-    """Images (N, 1, 28, 28) uint8 and labels (N,): from root, else Debian's files, else online."""
-    from torchvision.datasets.mnist import FashionMNIST, read_sn3_pascalvincent_tensor
-    raw = Path(root) / "FashionMNIST" / "raw"
-    try:
-        for name in FILES:  # Debian's files are gzipped: unpack each once, whole or not at all
-            packed = Path(debian_dir, name + ".gz")
-            if packed.exists() and not (raw / name).exists():
-                raw.mkdir(parents=True, exist_ok=True)
-                with write_atomically(raw / name) as f:
-                    f.write(gzip.decompress(packed.read_bytes()))
-        if not all((raw / name).exists() for name in FILES):
-            FashionMNIST(root, download=True)  # online: torchvision writes the four files into raw/
-    except Exception as error:  # offline, or a damaged package
-        fail(f"cannot get Fashion-MNIST into {raw} ({type(error).__name__}: {error}); offline, "
-             f"run 'sudo apt-get install dataset-fashion-mnist' or put the four *-ubyte files in "
-             f"{raw}/")
-    tensors = []
-    for name in FILES[:2] if train else FILES[2:]:
-        try:
-            tensors.append(read_sn3_pascalvincent_tensor(str(raw / name)))
-        except Exception:  # truncated, or not an idx file at all
-            fail(f"{raw / name} is damaged (truncated, or not an idx file); delete it and run "
-                 f"again to unpack it anew from Debian's package or download it")
-    images, labels = tensors
+def load_fashion_mnist(root, train=True, debian_dir=None):
+    """Images (N, 1, 28, 28) uint8 in [0, 255] and labels (N,) of the training set (or the test
+    set), from root/FashionMNIST/raw/, which fetch_fashion_mnist() fills on the first run."""
+    image_file, label_file = fetch_fashion_mnist(root, train, debian_dir)
+    images = read_idx(image_file)
+    labels = read_idx(label_file)
     return images.unsqueeze(1), labels.long()
 
 
 # ==================================================================================================
 # 4. One D step and one G step (tutorial 2.1)
 # ==================================================================================================
-def d_step(D, opt_d, real, fake, loss, gp_weight=10.0, clip=0.01, amp=False):
-    """One update of D (the critic, for WGANs). Returns D's loss and mean D(real) - mean D(fake)."""
+def d_step(D, opt_d, real, fake, loss, gp_weight=10.0, clip=0.01, amp=False, labels=None):
+    """One update of D (the critic, for WGANs). Returns D's loss and mean D(real) - mean D(fake).
+    labels: --cond's classes of the batch, real and fake alike (None without --cond)."""
     fake = fake.detach()  # D's step must not reach G: the fakes are constants here (tutorial 2.1)
     with torch.autocast(real.device.type, torch.bfloat16, enabled=amp):
-        real_scores = D(real)
-        fake_scores = D(fake)
+        real_scores = D(real, labels)
+        fake_scores = D(fake, labels)
         d_loss = discriminator_loss(loss, real_scores, fake_scores)
     if loss == "wgan-gp":  # WGAN-GP, arXiv 1704.00028, Algorithm 1, line 7
-        plain_critic = getattr(D, "_orig_mod", D)  # a compiled D: its module (no double backward)
-        d_loss = d_loss + gp_weight * gradient_penalty(plain_critic, real, fake)
+        d_loss = d_loss + gp_weight * gradient_penalty(D, real, fake, labels)
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
@@ -208,16 +224,30 @@ def d_step(D, opt_d, real, fake, loss, gp_weight=10.0, clip=0.01, amp=False):
     return d_loss.detach(), score_gap.detach()
 
 
-def g_step(D, opt_g, fake, loss, amp=False):
+def g_step(D, opt_g, fake, loss, amp=False, labels=None):
     """One update of G through D's graph. D's weights get no gradient (the tutorial's do)."""
     D.requires_grad_(False)
     with torch.autocast(fake.device.type, torch.bfloat16, enabled=amp):
-        g_loss = generator_loss(loss, D(fake))
+        g_loss = generator_loss(loss, D(fake, labels))
     opt_g.zero_grad(set_to_none=True)
     g_loss.backward()
     opt_g.step()
     D.requires_grad_(True)
     return g_loss.detach()
+
+
+@torch.no_grad()
+def update_average(G_ema, G, decay, g_steps):
+    """--ema: G_ema = decay * G_ema + (1 - decay) * G, weights and BatchNorm's running
+    statistics alike, after every G step (Yazici et al., arXiv 1806.04498). The decay grows as
+    (1 + t) / (10 + t) until it reaches its own, so the first weights, drawn at random, fade out
+    of the average within a few hundred steps (a warm-up, as TensorFlow's moving averages have)."""
+    decay = min(decay, (1 + g_steps) / (10 + g_steps))
+    for average, current in zip(G_ema.state_dict().values(), G.state_dict().values()):
+        if average.is_floating_point():
+            average.lerp_(current, 1 - decay)
+        else:
+            average.copy_(current)  # BatchNorm's count of batches seen
 
 
 def make_optimizers(G, D, args, device):
@@ -234,36 +264,51 @@ def make_optimizers(G, D, args, device):
 # ==================================================================================================
 # 5. The training loop (tutorial 2.2)
 # ==================================================================================================
-def train(G, D, opt_g, opt_d, data, args, run):
+def train(G, D, opt_g, opt_d, data, args, run, data_labels=None, G_ema=None):
     """Every epoch, the images in a new order; every batch, one D step, and one G step every
-    n_critic batches. `run` is the bookkeeping below the banner: progress, checkpoints, Ctrl-C."""
+    n_critic batches. `run` is the bookkeeping below the banner: progress, checkpoints, Ctrl-C.
+    data_labels: the classes of the images (--cond); G_ema: the average of G (--ema)."""
     device = data.device
     batch_size = args.batch_size
     steps_per_epoch = len(data) // batch_size  # full batches; each epoch drops another remainder
     # The same 64 noise vectors for every grid, so the epochs compare (the tutorial draws new ones).
     fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     fixed_z = fixed_z.to(device)
+    fixed_labels = None
+    if args.cond:  # --cond: a row per class, the same 10 noise vectors in each row
+        fixed_z = fixed_z[:10].repeat(len(CLASS_NAMES), 1)
+        fixed_labels = torch.arange(len(CLASS_NAMES), device=device).repeat_interleave(10)
+    shown = G  # the generator the grids show: G, or its average (--ema)
+    if G_ema is not None:
+        shown = G_ema
+    step = run.step  # D steps so far: 0, or the resumed run's
     for epoch in range(run.epoch + 1, args.epochs + 1):
         start_epoch(run, epoch, steps_per_epoch)
         order = torch.randperm(len(data), device=device)
         for i in range(steps_per_epoch):
             batch = order[i * batch_size:(i + 1) * batch_size]
             real = data[batch].float() / 127.5 - 1  # pixels in [-1, 1], as the tutorial's Normalize
-            g_turn = (run.step + 1) % args.n_critic == 0  # G steps once every n_critic D steps
+            labels = None
+            if args.cond:  # --cond: the fakes take the real batch's classes: one class mix for D
+                labels = data_labels[batch]
+            step += 1
+            g_turn = step % args.n_critic == 0  # G steps once every n_critic D steps
             # One G forward serves both steps: D sees it detached, G's step reuses its graph.
             autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp)
             with torch.set_grad_enabled(g_turn), autocast:
-                fake = G(torch.randn(batch_size, args.latent_dim, device=device))
+                fake = G(torch.randn(batch_size, args.latent_dim, device=device), labels)
             d_loss, w_estimate = d_step(D, opt_d, real, fake, args.loss, args.gp_weight, args.clip,
-                                        args.amp)
+                                        args.amp, labels)
             g_loss = None
             if g_turn:
-                g_loss = g_step(D, opt_g, fake, args.loss, args.amp)
-            log_step(run, i, d_loss, w_estimate, g_loss)  # progress; stops here after a Ctrl-C
+                g_loss = g_step(D, opt_g, fake, args.loss, args.amp, labels)
+                if G_ema is not None:  # --ema: the average follows G
+                    update_average(G_ema, G, args.ema, step // args.n_critic)
+            log_step(run, step, i, d_loss, w_estimate, g_loss)  # progress; stops after a Ctrl-C
         grid = None
         if epoch % args.sample_every == 0 or epoch == args.epochs:
-            grid = sample(G, fixed_z)
-        end_epoch(run, G, D, opt_g, opt_d, grid)  # the grid, metrics.csv, then checkpoint.pt
+            grid = sample(shown, fixed_z, fixed_labels)
+        end_epoch(run, G, D, opt_g, opt_d, grid, G_ema)  # grid, metrics.csv, checkpoint.pt
 
 
 # ==================================================================================================
@@ -281,18 +326,23 @@ def main(argv=None):
     G = G.to(device)
     D = D.to(device)
     if args.generate:
-        G.load_state_dict(checkpoint["G"])
+        G.load_state_dict(generator_weights(checkpoint))  # the average, where the run kept one
         write_generated(G, args, checkpoint, device)
         return
+    G_ema = None
+    if args.ema:  # --ema: a copy of G that follows it as a moving average
+        G_ema = copy.deepcopy(G)
     opt_g, opt_d = make_optimizers(G, D, args, device)
     if checkpoint:
-        restore(checkpoint, G, D, opt_g, opt_d, args, device)
-    data = load_fashion_mnist(args.data_root)[0][:args.train_images].to(device)
+        restore(checkpoint, G, D, opt_g, opt_d, args, device, G_ema)
+    images, labels = load_fashion_mnist(args.data_root)
+    data = images[:args.train_images].to(device)
+    data_labels = labels[:args.train_images].to(device)
     if len(data) < args.batch_size:
         fail(f"--batch-size {args.batch_size} is larger than the {len(data)} training images")
     run = open_run(args, device, checkpoint, len(data))  # its folder, held; a clean Ctrl-C
     try:
-        train(G, D, opt_g, opt_d, data, args, run)
+        train(G, D, opt_g, opt_d, data, args, run, data_labels, G_ema)
     except torch.cuda.OutOfMemoryError:
         half = max(1, args.batch_size // 2)
         smaller = how_to_continue(run, f" --batch-size {half}")
@@ -307,10 +357,16 @@ def main(argv=None):
 # 7. Samples from a trained G: a grid, and a walk through its latent space
 # ==================================================================================================
 @torch.no_grad()
-def sample(G, z, batch=1000):
-    """G's images for noise z as uint8 (N, 1, 28, 28), G in eval mode (BatchNorm's running mean)."""
+def sample(G, z, labels=None, batch=1000):
+    """G's images for noise z (and --cond's classes) as uint8 (N, 1, 28, 28). G in eval mode:
+    BatchNorm uses its running statistics, so each image depends on its own z only (the tutorial
+    samples in train mode, where each image depends on the whole batch)."""
     G.eval()
-    images = torch.cat([G(chunk).float() for chunk in z.split(batch)])
+    label_chunks = [None] * len(z.split(batch))
+    if labels is not None:
+        label_chunks = labels.split(batch)
+    images = torch.cat([G(chunk, chunk_labels).float()
+                        for chunk, chunk_labels in zip(z.split(batch), label_chunks)])
     G.train()
     return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
@@ -332,18 +388,33 @@ def latent_walk(latent_dim, seed, rows=8, steps=10):
 
 
 def write_generated(G, args, checkpoint, device):
-    """--generate N: N samples (generated.pt, .png) and the latent walk (interpolation.png)."""
+    """--generate N: N samples (generated.pt, .png) and the latent walk (interpolation.png). A
+    --cond run draws --class NAME, or every class in turn, and walks with the class held."""
+    labels = None
+    walk_labels = None
+    walk_rows = 8
+    if args.cond:
+        labels = torch.arange(args.generate, device=device) * len(CLASS_NAMES) // args.generate
+        walk_rows = len(CLASS_NAMES)
+        walk_labels = torch.arange(walk_rows, device=device).repeat_interleave(10)
+        if args.class_name is not None:
+            labels = torch.full_like(labels, class_index(args.class_name))
+            walk_labels = torch.full_like(walk_labels, class_index(args.class_name))
+    elif args.class_name is not None:
+        fail(f"--class needs a run trained with --cond; {args.resume} was not")
     out, lock = generate_folder(args, checkpoint)
-    images = sample(G, torch.randn(args.generate, args.latent_dim, device=device))
+    images = sample(G, torch.randn(args.generate, args.latent_dim, device=device), labels)
     with write_atomically(out / "generated.pt") as f:
         torch.save(images, f)
     save_grid(images, out / "generated.png", nrow=math.ceil(math.sqrt(len(images))))
-    walk = latent_walk(args.latent_dim, args.seed).to(device)
-    save_grid(sample(G, walk), out / "interpolation.png", nrow=10)
+    walk = latent_walk(args.latent_dim, args.seed, walk_rows).to(device)
+    save_grid(sample(G, walk, walk_labels), out / "interpolation.png", nrow=10)
     if lock:
         lock.release()
-    print(f"wrote {out / 'generated.pt'}, generated.png ({args.generate} samples) and "
-          f"interpolation.png")
+    drawn = f"{args.generate} samples"
+    if args.class_name is not None:
+        drawn += f" of class {CLASS_NAMES[class_index(args.class_name)]}"
+    print(f"wrote {out / 'generated.pt'}, generated.png ({drawn}) and interpolation.png")
 
 
 # ##################################################################################################
@@ -352,6 +423,16 @@ def write_generated(G, args, checkpoint, device):
 # each epoch, stops cleanly on Ctrl-C, prints its progress and draws progress.gif and losses.png.
 # ##################################################################################################
 SLOW_EPOCH_SECONDS = 120  # an epoch slower than this is announced early, with how to go faster
+FIXED_ON_RESUME = ("loss", "disc", "width", "latent_dim", "seed", "cond", "cond_d", "ema")
+
+
+def parse_args(argv=None):
+    """The command line: a mistake stops in one line; each setting not given takes its default."""
+    parser = command_line()
+    parser.error = fail  # one line, no usage dump
+    args = parser.parse_args(argv)
+    args.given = [name for name, value in vars(args).items() if value is not None]
+    return complete_args(args)
 
 
 def fail(message):
@@ -395,6 +476,8 @@ def load_checkpoint(path, training=True):
     needed = ["args", "G"]
     if training:
         needed += ["D", "opt_g", "opt_d", "epoch", "step", "rng", "history"]
+    if training and checkpoint.get("args", {}).get("ema"):
+        needed.append("G_ema")
     missing = [key for key in needed if key not in checkpoint]
     if missing:
         message = f"{path} is incomplete (no {', '.join(missing)}) to resume from"
@@ -435,7 +518,7 @@ def resumed_args(args, checkpoint):
             fail(f"{flag} cannot change when a run resumes (this run has {flag} "
                  f"{settings.get(name)}); to train with {flag} {value}, start a new run")
         settings[name] = value
-    for name in ("resume", "generate", "out", "given"):  # this command line's, never the run's
+    for name in ("resume", "generate", "class_name", "out", "given"):  # this command line's only
         settings[name] = getattr(args, name)
     resumed = complete_args(argparse.Namespace(**settings))  # settings newer than the run: defaults
     if not args.generate and checkpoint["epoch"] >= resumed.epochs:
@@ -445,10 +528,12 @@ def resumed_args(args, checkpoint):
     return resumed
 
 
-def restore(checkpoint, G, D, opt_g, opt_d, args, device):
+def restore(checkpoint, G, D, opt_g, opt_d, args, device, G_ema=None):
     """Weights, optimizer states and random state as saved; the optimizers get args' lr, betas."""
     G.load_state_dict(checkpoint["G"])
     D.load_state_dict(checkpoint["D"])
+    if G_ema is not None:
+        G_ema.load_state_dict(checkpoint["G_ema"])
     opt_g.load_state_dict(checkpoint["opt_g"])
     opt_d.load_state_dict(checkpoint["opt_d"])
     for optimizer in (opt_g, opt_d):
@@ -459,6 +544,24 @@ def restore(checkpoint, G, D, opt_g, opt_d, args, device):
     torch.set_rng_state(checkpoint["rng"]["cpu"])
     if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+
+
+def generator_weights(checkpoint):
+    """The G to draw samples from: the run's average of G where it kept one (--ema), else G. (A file
+    in pretrained/ holds one G: the average, where its run had one.)"""
+    if "G_ema" in checkpoint:
+        return checkpoint["G_ema"]
+    return checkpoint["G"]
+
+
+def class_index(name):
+    """--class: a class's index from its name (any case) or from its index, 0 to 9."""
+    names = [known.lower() for known in CLASS_NAMES]
+    if name.lower() in names:
+        return names.index(name.lower())
+    if name.isdigit() and int(name) < len(CLASS_NAMES):
+        return int(name)
+    fail(f"--class {name} is not a class; give one of {', '.join(CLASS_NAMES)}, or 0 to 9")
 
 
 def open_run(args, device, checkpoint, images):
@@ -505,9 +608,9 @@ def start_epoch(run, epoch, steps_per_epoch):
                    disable=None)  # disable=None: no bar without a terminal
 
 
-def log_step(run, i, d_loss, w_estimate, g_loss):
+def log_step(run, step, i, d_loss, w_estimate, g_loss):
     """After each step: sum the losses, show progress ten times an epoch, stop after a Ctrl-C."""
-    run.step += 1
+    run.step = step
     epoch = run.epoch + 1
     if g_loss is None:
         g_loss = torch.zeros_like(d_loss)
@@ -549,7 +652,7 @@ def log_step(run, i, d_loss, w_estimate, g_loss):
         print(f"  step {i + 1}/{steps}  D {d:.4f}  G {g:.4f}  {left:.0f} s left", flush=True)
 
 
-def end_epoch(run, G, D, opt_g, opt_d, grid):
+def end_epoch(run, G, D, opt_g, opt_d, grid, G_ema=None):
     """Write the epoch's files, each whole or not at all, the checkpoint last: never ahead."""
     run.bar.close()
     args = run.args
@@ -563,8 +666,8 @@ def end_epoch(run, G, D, opt_g, opt_d, grid):
                             seconds=round(seconds, 2), images_per_sec=round(images_per_sec, 1)))
     try:
         if grid is not None:
-            save_grid(grid, run.out / f"samples_epoch{run.epoch:03d}.png")
-            write_gif(run.out)
+            save_grid(grid, run.out / f"samples_epoch{run.epoch:03d}.png", math.isqrt(len(grid)))
+            write_gif(run.out, G_ema is not None)
         write_metrics(run.history, run.out, args.loss)
         rng = {"cpu": torch.get_rng_state(), "cuda": None}
         if run.device.type == "cuda":
@@ -573,6 +676,8 @@ def end_epoch(run, G, D, opt_g, opt_d, grid):
         state = dict(script=SCRIPT, epoch=run.epoch, step=run.step, args=settings,
                      G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(),
                      opt_d=opt_d.state_dict(), rng=rng, history=run.history)
+        if G_ema is not None:
+            state["G_ema"] = G_ema.state_dict()
         with write_atomically(run.out / "checkpoint.pt") as f:
             torch.save(state, f)
     except OSError as error:  # a full disk, a folder gone read-only: the last checkpoint is whole
@@ -697,6 +802,44 @@ def pick_device(name):
     return torch.device(name)
 
 
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def fetch_fashion_mnist(root, train=True, debian_dir=None):
+    """The paths of the images file and the labels file in root/FashionMNIST/raw/, filled on the
+    first run from Debian's package (gzipped: each file unpacked whole or not at all), else online."""
+    from torchvision.datasets.mnist import FashionMNIST
+    raw = Path(root) / "FashionMNIST" / "raw"
+    try:
+        for name in FILES:
+            packed = Path(debian_dir or DEBIAN_DIR, name + ".gz")
+            if packed.exists() and not (raw / name).exists():
+                raw.mkdir(parents=True, exist_ok=True)
+                with write_atomically(raw / name) as f:
+                    f.write(gzip.decompress(packed.read_bytes()))
+        if not all((raw / name).exists() for name in FILES):
+            FashionMNIST(root, download=True)  # online: torchvision writes the four files into raw/
+    except Exception as error:  # offline, or a damaged package
+        fail(f"cannot get Fashion-MNIST into {raw} ({type(error).__name__}: {error}); offline, "
+             f"run 'sudo apt-get install dataset-fashion-mnist' or put the four *-ubyte files in "
+             f"{raw}/")
+    if train:
+        return raw / FILES[0], raw / FILES[1]
+    return raw / FILES[2], raw / FILES[3]
+
+
+def read_idx(path):
+    """The tensor in an idx file (the format of the MNIST files)."""
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+    try:
+        return read_sn3_pascalvincent_tensor(str(path))
+    except Exception:  # truncated, or not an idx file at all
+        fail(f"{path} is damaged (truncated, or not an idx file); delete it and run again to "
+             f"unpack it anew from Debian's package or download it")
+
+
 @contextlib.contextmanager
 def write_atomically(path):
     """`with write_atomically(path) as f:` writes a temporary file beside path, renamed to path once
@@ -721,16 +864,18 @@ def save_grid(images, path, nrow=8):
         save_image(images.float() / 255, f, format="png", nrow=nrow, padding=2)
 
 
-def write_gif(out):
+def write_gif(out, averaged=False):
     """progress.gif: the fixed-noise grids so far, in epoch order, each captioned, looping."""
     from PIL import Image, ImageDraw
     frames = []
     for path in sorted(out.glob("samples_epoch*.png"), key=grid_epoch):
-        epoch = grid_epoch(path)
-        frame = Image.new("L", (242, 258))  # the 8x8 grid under a black strip for its caption
+        caption = f"epoch {grid_epoch(path)}"
+        if averaged:
+            caption += ", the average of G (--ema)"
         grey = Image.open(path).convert("L")
+        frame = Image.new("L", (grey.width, grey.height + 16))  # a black strip for the caption
         frame.paste(grey.point([value & 0xF8 for value in range(256)]), (0, 16))  # 32 greys: small
-        ImageDraw.Draw(frame).text((4, 3), f"epoch {epoch}", fill=255)
+        ImageDraw.Draw(frame).text((4, 3), caption, fill=255)
         frames.append(frame)
     durations = [400] * (len(frames) - 1) + [2000]  # rests on the last grid
     with write_atomically(out / "progress.gif") as f:

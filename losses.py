@@ -50,13 +50,15 @@ def generator_loss(name, fake_scores):
     return -fake.mean()
 
 
-def gradient_penalty(critic, real, fake):
+def gradient_penalty(critic, real, fake, labels=None):
     """WGAN-GP, arXiv 1704.00028, eq. 3: E[(||grad D(x~)||_2 - 1)^2] at x~ = a*real + (1-a)*fake.
 
     a ~ U(0, 1), one per sample, broadcast over the sample's other dimensions, so (B, 784) and
     (B, 1, 28, 28) both work (the tutorial's (B, 1) broadcasts for flat inputs only). The norm is
     over each sample's flattened gradient. create_graph=True makes the penalty differentiable in
     the critic's parameters, so its backward() trains the critic. No .grad is written here.
+    labels: a conditional critic's classes, one per pair: real[i] and fake[i] share labels[i], so
+    each interpolate lies between two images of one class and is scored with that class.
     """
     # In fp32 even under --amp: this is a gradient of a gradient, where bf16 rounding adds up.
     with torch.autocast(real.device.type, enabled=False):
@@ -65,7 +67,11 @@ def gradient_penalty(critic, real, fake):
         a = torch.rand(real.size(0), *[1] * (real.dim() - 1), device=real.device, dtype=real.dtype)
         # a*x + (1-a)*x^: the tutorial prints a*x - (1-a)*x^, which is not between the two samples.
         x = (a * real + (1 - a) * fake).requires_grad_(True)
-        (grad,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
+        if labels is None:
+            scores = critic(x)
+        else:
+            scores = critic(x, labels)
+        (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
         return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
