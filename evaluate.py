@@ -1,17 +1,24 @@
-"""What a GAN learned, as numbers: Frechet distance in a Fashion-MNIST classifier's features, class coverage.
+"""What a GAN learned, as numbers: Frechet distance in a Fashion-MNIST classifier's features, density and coverage,
+class coverage, and for a class-conditional G (--cond) how often its samples are of the class asked for.
 
     python evaluate.py runs/fc_bce/checkpoint.pt [more checkpoints ...]   # any checkpoint of either script
     python evaluate.py --floor               # the same numbers for real images (the floor) and for noise
     python evaluate.py --train-classifier    # retrain fmnist_classifier.pt (deterministic, ~5 min on a CPU)
     python evaluate.py --pretrained pretrained/fc_bce.pt runs/fc_bce/checkpoint.pt  # ship a run's G
+    python evaluate.py --steer pretrained/conv-w32_wgan-gp.pt   # steer an unconditional G toward each class
 
 Inception-FID needs weights that cannot be downloaded offline and is a poor fit for 28x28 grayscale, so
 the features are the 128-d penultimate layer of a small CNN trained on the 60k Fashion-MNIST training
 images ("FID (FMNIST features)"). Its numbers compare with each other, not with published Inception-FIDs.
-Per checkpoint: FID against the 10k test images; the share of samples per predicted class; classes
-covered (a class counts when at least 1% of the samples fall in it; 10 is every class, fewer is mode
-collapse); KL(class histogram || uniform) (0 is perfectly balanced); and an Inception-Score-style
-sharpness exp(E_x KL(p(y|x) || p(y))), from 1 (blurry or all alike) to 10 (sharp and varied).
+Per checkpoint: FID against the 10k test images; density and coverage in the same features (Naeem et al.,
+arXiv 2002.09797, k = 5: how much of the samples lies where test images are, and how much of the test images
+the samples reach); the share of samples per predicted class; classes covered (a class counts when at least
+1% of the samples fall in it); KL(class histogram || uniform) (0 is perfectly balanced); and an
+Inception-Score-style sharpness exp(E_x KL(p(y|x) || p(y))), from 1 (blurry or all alike) to 10 (sharp and
+varied). A run that kept an average of G (--ema) is scored through the average; --raw scores G itself.
+A conditional G draws each class in turn, 1,000 of each in 10,000 (the test set's own mix), and is scored
+also by class agreement (the share of the samples drawn for class k that the classifier puts in k) and
+intra-class FID (class k's samples against class k's test images), per class and overall.
 """
 import argparse
 import csv
@@ -30,8 +37,9 @@ import gan_fc
 HERE = Path(__file__).resolve().parent
 CLASSIFIER = HERE / "fmnist_classifier.pt"
 CLASSIFIER_SHA256 = "34d8cecc3d4ff9c06c4dc612e6ea4bb6876fb7a6d0d381be3aecd60a90043291"
-CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
+CLASSES = gan_fc.CLASS_NAMES  # T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Boot
 COVERED = 0.01  # a class is covered when at least this share of the samples is predicted as it
+NEIGHBOURS = 5  # k of density and coverage, as Naeem et al. advise
 
 
 class Classifier(nn.Module):
@@ -143,14 +151,60 @@ def class_metrics(probs):
             "sharpness": sharpness, "shares": shares.tolist()}
 
 
-def evaluate_images(model, images, test_features, device=None):
-    """Every metric for a set of uint8 images, against the test set's features."""
+def density_coverage(real_features, fake_features, k=NEIGHBOURS, chunk=500):
+    """Density and coverage (Naeem et al. 2020, arXiv 2002.09797, eq. 4 and 5). Around each real point, a ball
+    whose radius is its distance to its k-th nearest real neighbour. Density: how many balls each sample lies in,
+    averaged, over k (about 1 when the samples lie where the real points do; above 1 where they crowd the dense
+    parts). Coverage: the share of real points whose ball holds at least one sample (about 1 - 1/2^k = 0.969 for
+    two samples of one distribution, k = 5). In chunks of `chunk` rows: 10,000 x 10,000 distances never sit in
+    memory at once. Float64, strict '<', as the authors' code."""
+    real = real_features.double()
+    fake = fake_features.double()
+    radii = torch.cat([torch.cdist(part, real).kthvalue(k + 1, dim=1).values  # k + 1: the point itself is 0
+                       for part in real.split(chunk)])
+    inside = 0
+    covered = torch.zeros(len(real), dtype=torch.bool)
+    for part in fake.split(chunk):
+        within = torch.cdist(part, real) < radii  # (chunk, real): sample i lies in real point j's ball
+        inside += within.sum().item()
+        covered |= within.any(0)
+    return inside / (k * len(fake)), covered.double().mean().item()
+
+
+def drawn_classes(n):
+    """The classes a conditional G is asked for: each class in turn, an equal share (1,000 of 10,000, the test
+    set's own mix)."""
+    return torch.arange(n) * len(CLASSES) // n
+
+
+def conditional_metrics(asked, probs, features, test_features, test_labels):
+    """Class agreement and intra-class FID, per class and their mean, for samples drawn for the classes asked."""
+    agreement = []
+    intra_fid = []
+    for k in range(len(CLASSES)):
+        mine = asked == k
+        agreement.append((probs[mine].argmax(1) == k).double().mean().item())
+        intra_fid.append(frechet_distance(test_features[test_labels == k], features[mine]))
+    overall = (probs.argmax(1) == asked).double().mean().item()
+    return {"agreement": overall, "agreement_per_class": agreement,
+            "intra_fid": sum(intra_fid) / len(intra_fid), "intra_fid_per_class": intra_fid}
+
+
+def evaluate_images(model, images, test_features, device=None, asked=None, test_labels=None):
+    """Every metric for a set of uint8 images, against the test set's features; with `asked` (the class each image
+    was drawn for) and the test labels, the conditional ones too."""
     features, probs = predict(model, images, device=device)
-    return {"fid": frechet_distance(test_features, features), **class_metrics(probs)}
+    density, coverage = density_coverage(test_features, features)
+    metrics = {"fid": frechet_distance(test_features, features), "density": density, "coverage": coverage,
+               **class_metrics(probs)}
+    if asked is not None:
+        metrics.update(conditional_metrics(asked, probs, features, test_features, test_labels))
+    return metrics
 
 
-def load_generator(checkpoint, device=torch.device("cpu")):
-    """G of a checkpoint of gan_fc.py or gan_conv.py (a run's, or one in pretrained/), fp32 on device."""
+def load_generator(checkpoint, device=torch.device("cpu"), raw=False):
+    """G of a checkpoint of gan_fc.py or gan_conv.py (a run's, or one in pretrained/), fp32 on device: the run's
+    average of G where it kept one (--ema), unless raw."""
     gan_fc.check_listed_sum(checkpoint)  # a pretrained file: the sum SHA256SUMS gives it
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)  # read once; runs no code
@@ -163,15 +217,27 @@ def load_generator(checkpoint, device=torch.device("cpu")):
     args = module.parse_args(["--loss", ckpt["args"]["loss"]])  # a flag newer than the checkpoint: its loss's default
     vars(args).update(ckpt["args"])
     G, _ = module.build_models(args)
-    G.load_state_dict(ckpt["G"])  # fp16 weights (pretrained/) are copied into the fp32 model
+    weights = ckpt["G"] if raw else module.generator_weights(ckpt)
+    G.load_state_dict(weights)  # fp16 weights (pretrained/) are copied into the fp32 model
     return G.to(device), ckpt
 
 
-def generate(checkpoint, n, seed, device):
-    """n uint8 samples from a checkpoint of gan_fc.py or gan_conv.py, G in eval mode, seeded noise."""
-    G, ckpt = load_generator(checkpoint, device)
+def which_generator(ckpt, raw=False):
+    """'average' when the samples come from a run's average of G (--ema), else 'G'."""
+    if ckpt.get("averaged") or ("G_ema" in ckpt and not raw):
+        return "average"
+    return "G"
+
+
+def generate(checkpoint, n, seed, device, raw=False):
+    """n uint8 samples from a checkpoint of gan_fc.py or gan_conv.py, G in eval mode, seeded noise; a conditional
+    G draws drawn_classes(n)."""
+    G, ckpt = load_generator(checkpoint, device, raw)
     z = torch.randn(n, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(seed))
-    return gan_fc.sample(G, z.to(device)), ckpt
+    labels = None
+    if ckpt["args"].get("cond"):
+        labels = drawn_classes(n).to(device)
+    return gan_fc.sample(G, z.to(device), labels), ckpt
 
 
 def command_of(script, settings):
@@ -203,15 +269,16 @@ def command_of(script, settings):
 
 
 def export_pretrained(checkpoint, path, samples, seed, data_root, device):
-    """A run's G as a small file for pretrained/: fp16 weights, the run's settings, epoch and command, and
-    the scores of this very file (fp16 weights loaded into the fp32 model), its SHA-256 in SHA256SUMS."""
+    """A run's G as a small file for pretrained/: the G to sample from (the run's average where it kept one), fp16,
+    the run's settings, epoch and command, and the scores of this very file (fp16 weights loaded into the fp32
+    model), its SHA-256 in SHA256SUMS."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "D" not in ckpt or ckpt.get("script") not in ("gan_fc", "gan_conv"):
         sys.exit(f"error: {checkpoint} is not a training checkpoint of gan_fc.py or gan_conv.py")
     module = {"gan_fc": gan_fc, "gan_conv": gan_conv}[ckpt["script"]]
-    settings = {k: v for k, v in ckpt["args"].items() if k not in ("out", "resume", "generate", "given")}
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["G"].items()}
-    shipped = dict(script=ckpt["script"], args=settings, epoch=ckpt["epoch"], G=weights,
+    settings = {k: v for k, v in ckpt["args"].items() if k not in ("out", "resume", "generate", "given", "class_name")}
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in module.generator_weights(ckpt).items()}
+    shipped = dict(script=ckpt["script"], args=settings, epoch=ckpt["epoch"], G=weights, averaged="G_ema" in ckpt,
                    command=command_of(ckpt["script"], settings))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,17 +286,25 @@ def export_pretrained(checkpoint, path, samples, seed, data_root, device):
     lines = [line for line in (sums.read_text().splitlines() if sums.exists() else [])
              if Path(line.partition("  ")[2]).name != path.name]  # the old sum of this file goes
     sums.write_text("".join(line + "\n" for line in lines))
+    test_images, test_labels = gan_fc.load_fashion_mnist(data_root, train=False)
+    model = load_classifier()
+    test_features = predict(model, test_images, device=device)[0]
     for _ in range(2):  # once to score the file itself, once more with its scores in it
         with module.write_atomically(path) as f:
             torch.save(shipped, f)
-        model = load_classifier()
-        test_features = predict(model, gan_fc.load_fashion_mnist(data_root, train=False)[0], device=device)[0]
         images, _ = generate(path, samples, seed, device)
-        m = evaluate_images(model, images, test_features, device)
+        asked = drawn_classes(samples) if settings.get("cond") else None
+        m = evaluate_images(model, images, test_features, device, asked, test_labels)
         shipped["scores"] = {"fid_fmnist": round(m["fid"], 3), "classes_covered": m["classes_covered"],
                              "kl_to_uniform": round(m["kl_to_uniform"], 4), "sharpness": round(m["sharpness"], 3),
+                             "density": round(m["density"], 3), "coverage": round(m["coverage"], 3),
                              "samples": samples, "seed": seed,
                              "command": f"python evaluate.py --samples {samples} --seed {seed} {path}"}
+        if asked is not None:
+            shipped["scores"]["agreement"] = round(m["agreement"], 4)
+            shipped["scores"]["agreement_per_class"] = [round(a, 4) for a in m["agreement_per_class"]]
+            shipped["scores"]["intra_fid"] = round(m["intra_fid"], 3)
+            shipped["scores"]["intra_fid_per_class"] = [round(f, 3) for f in m["intra_fid_per_class"]]
     with module.write_atomically(path) as f:
         torch.save(shipped, f)
     lines.append(f"{file_sha256(path)}  {path}")
@@ -240,19 +315,48 @@ def export_pretrained(checkpoint, path, samples, seed, data_root, device):
 
 def report(name, m):
     shares = " ".join(f"{c} {s:.1%}" for c, s in zip(CLASSES, m["shares"]))
-    print(f"{name}\n  FID (FMNIST features) {m['fid']:.2f}   classes covered {m['classes_covered']}/10   "
-          f"KL to uniform {m['kl_to_uniform']:.3f}   sharpness {m['sharpness']:.2f}\n  classes: {shares}")
+    print(f"{name}\n  FID (FMNIST features) {m['fid']:.2f}   density {m['density']:.3f}   coverage {m['coverage']:.3f}   "
+          f"classes covered {m['classes_covered']}/10   KL to uniform {m['kl_to_uniform']:.3f}   "
+          f"sharpness {m['sharpness']:.2f}\n  classes: {shares}")
+    if "agreement" in m:
+        agreement = " ".join(f"{c} {a:.1%}" for c, a in zip(CLASSES, m["agreement_per_class"]))
+        intra = " ".join(f"{c} {f:.1f}" for c, f in zip(CLASSES, m["intra_fid_per_class"]))
+        print(f"  class agreement {m['agreement']:.1%}: {agreement}\n  intra-class FID, mean {m['intra_fid']:.2f}: {intra}")
+
+
+RESULT_COLUMNS = (["when", "what", "script", "loss", "epoch", "samples", "generator", "fid_fmnist", "density",
+                   "coverage", "classes_covered", "kl_to_uniform", "sharpness", "agreement", "intra_fid"]
+                  + [f"share_{c}" for c in CLASSES] + [f"agreement_{c}" for c in CLASSES]
+                  + [f"intra_fid_{c}" for c in CLASSES])
 
 
 def append_results(path, name, m, extra):
-    new = not Path(path).exists()
+    """One row of results.csv; a file written before a column existed is rewritten with it (its cells empty)."""
+    path = Path(path)
+    if path.exists():
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+        if old and list(old[0]) != RESULT_COLUMNS:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, RESULT_COLUMNS, restval="", extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(old)
+    row = dict(zip(["when", "what", "script", "loss", "epoch", "samples", "generator"],
+                   [time.strftime("%Y-%m-%d %H:%M"), name, *extra]))
+    row.update({"fid_fmnist": f"{m['fid']:.3f}", "density": f"{m['density']:.4f}", "coverage": f"{m['coverage']:.4f}",
+                "classes_covered": m["classes_covered"], "kl_to_uniform": f"{m['kl_to_uniform']:.4f}",
+                "sharpness": f"{m['sharpness']:.3f}"})
+    row.update({f"share_{c}": f"{s:.4f}" for c, s in zip(CLASSES, m["shares"])})
+    if "agreement" in m:
+        row.update({"agreement": f"{m['agreement']:.4f}", "intra_fid": f"{m['intra_fid']:.3f}"})
+        row.update({f"agreement_{c}": f"{a:.4f}" for c, a in zip(CLASSES, m["agreement_per_class"])})
+        row.update({f"intra_fid_{c}": f"{v:.3f}" for c, v in zip(CLASSES, m["intra_fid_per_class"])})
+    new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as f:
-        w = csv.writer(f)
+        writer = csv.DictWriter(f, RESULT_COLUMNS, restval="")
         if new:
-            w.writerow(["when", "what", "script", "loss", "epoch", "samples", "fid_fmnist", "classes_covered",
-                        "kl_to_uniform", "sharpness"] + [f"share_{c}" for c in CLASSES])
-        w.writerow([time.strftime("%Y-%m-%d %H:%M"), name, *extra, f"{m['fid']:.3f}", m["classes_covered"],
-                    f"{m['kl_to_uniform']:.4f}", f"{m['sharpness']:.3f}"] + [f"{s:.4f}" for s in m["shares"]])
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def main(argv=None):
@@ -266,6 +370,7 @@ def main(argv=None):
     p.add_argument("--train-classifier", action="store_true", help="retrain fmnist_classifier.pt")
     p.add_argument("--pretrained", metavar="FILE", help="write the one checkpoint's G, fp16, with its scores, to "
                    "FILE (for pretrained/), and its SHA-256 to SHA256SUMS beside it")
+    p.add_argument("--raw", action="store_true", help="score G itself, not the average a run kept (--ema)")
     p.add_argument("--data-root", default="./data", help="(default: ./data)")
     p.add_argument("--results", default="results.csv", help="file the rows are appended to (default: results.csv)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
@@ -287,23 +392,30 @@ def main(argv=None):
         export_pretrained(args.checkpoints[0], args.pretrained, args.samples, args.seed, args.data_root, device)
         return
     model = load_classifier()
-    test_images = gan_fc.load_fashion_mnist(args.data_root, train=False)[0][:args.test_images]
+    test_images, test_labels = gan_fc.load_fashion_mnist(args.data_root, train=False)
+    test_images = test_images[:args.test_images]
+    test_labels = test_labels[:args.test_images]
     test_features = predict(model, test_images, device=device)[0]
     if args.floor:
-        train_images = gan_fc.load_fashion_mnist(args.data_root, train=True)[0]
+        train_images, train_labels = gan_fc.load_fashion_mnist(args.data_root, train=True)
         g = torch.Generator().manual_seed(args.seed)
-        real = train_images[torch.randperm(len(train_images), generator=g)[:args.samples]]
+        chosen = torch.randperm(len(train_images), generator=g)[:args.samples]
+        real = train_images[chosen]
         noise = torch.randint(0, 256, real.shape, generator=g, dtype=torch.uint8)
-        for name, images in ((f"floor: {args.samples} real training images", real),
-                             (f"noise: {args.samples} uniform-noise images", noise)):
-            m = evaluate_images(model, images, test_features, device)
+        # The real images are scored as a perfect conditional G would be: each one asked for its own class.
+        for name, images, asked in ((f"floor: {args.samples} real training images", real, train_labels[chosen]),
+                                    (f"noise: {args.samples} uniform-noise images", noise, None)):
+            m = evaluate_images(model, images, test_features, device, asked, test_labels)
             report(name, m)
-            append_results(args.results, name, m, ["", "", "", args.samples])
+            append_results(args.results, name, m, ["", "", "", args.samples, ""])
     for path in args.checkpoints:
-        images, ckpt = generate(path, args.samples, args.seed, device)
-        m = evaluate_images(model, images, test_features, device)
-        report(f"{path} ({ckpt['script']}, {ckpt['args']['loss']}, epoch {ckpt['epoch']})", m)
-        append_results(args.results, path, m, [ckpt["script"], ckpt["args"]["loss"], ckpt["epoch"], args.samples])
+        images, ckpt = generate(path, args.samples, args.seed, device, args.raw)
+        asked = drawn_classes(args.samples) if ckpt["args"].get("cond") else None
+        m = evaluate_images(model, images, test_features, device, asked, test_labels)
+        generator = which_generator(ckpt, args.raw)
+        report(f"{path} ({ckpt['script']}, {ckpt['args']['loss']}, epoch {ckpt['epoch']}, {generator})", m)
+        append_results(args.results, path, m, [ckpt["script"], ckpt["args"]["loss"], ckpt["epoch"], args.samples,
+                                               generator])
     print(f"appended to {args.results}")
 
 

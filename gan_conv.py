@@ -42,7 +42,7 @@ SCRIPT = "gan_conv"
 # machine C; docs/experiments.md).
 DEFAULTS = dict(loss="bce", epochs=50, latent_dim=128, disc="conv", width=128, clip=0.01,
                 gp_weight=10.0, cond=False, cond_d="projection", ema=0.0, seed=0, device="auto",
-                data_root="data", train_images=60000, sample_every=5, amp=False)
+                data_root="data", train_images=60000, sample_every=5, max_minutes=0.0, amp=False)
 LOSS_DEFAULTS = {
     "bce": dict(lr=2e-4, betas=(0.5, 0.999), n_critic=1, batch_size=128),
     "lsgan": dict(lr=2e-4, betas=(0.5, 0.999), n_critic=1, batch_size=128),
@@ -86,6 +86,8 @@ def command_line():
     parser.add_argument("--out", help="output folder (default: the first free runs/<name>, "
                                       "runs/<name>-2, ...)")
     parser.add_argument("--sample-every", type=int, help="epochs between sample grids (default: 5)")
+    parser.add_argument("--max-minutes", type=float, metavar="M",
+                        help="stop, saved, before an epoch that would end past M minutes (default: 0, none)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="bf16 autocast, faster on recent GPUs and CPUs (default: off)")
     parser.add_argument("--resume", metavar="PATH",
@@ -118,6 +120,8 @@ def complete_args(args):
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.lr <= 0 or args.clip <= 0 or args.gp_weight < 0:
         fail("--lr and --clip must be positive, and --gp-weight not negative")
+    if args.max_minutes < 0:
+        fail(f"--max-minutes must not be negative (0: no limit), got {args.max_minutes:g}")
     if not 0 <= args.ema < 1:
         fail(f"--ema takes a decay from 0 to 1, such as {EMA_DECAY}, got {args.ema:g}")
     if args.generate is not None and (args.generate < 1 or not args.resume):
@@ -406,6 +410,9 @@ def main(argv=None):
     run = open_run(args, device, checkpoint, len(data))  # its folder, held; a clean Ctrl-C
     try:
         train(G, D, opt_g, opt_d, data, args, run, data_labels, G_ema)
+    except TimeUp as stop:  # --max-minutes: the run is saved, and the message says how to go on
+        print(stop, flush=True)
+        return
     except torch.cuda.OutOfMemoryError:
         half = max(1, args.batch_size // 2)
         smaller = how_to_continue(run, f" --batch-size {half}")
@@ -489,6 +496,10 @@ SLOW_EPOCH_SECONDS = 120  # an epoch slower than this is announced early, with h
 FIXED_ON_RESUME = ("loss", "disc", "width", "latent_dim", "seed", "cond", "cond_d", "ema")
 
 
+class TimeUp(Exception):
+    """--max-minutes ran out: the message says what is saved and how to go on."""
+
+
 def parse_args(argv=None):
     """The command line: a mistake stops in one line; each setting not given takes its default."""
     parser = command_line()
@@ -522,6 +533,7 @@ class Run:
     pace_from: float = 0.0
     bar: tqdm = None
     first_epoch: int = 1
+    deadline: float = math.inf  # --max-minutes, on time.perf_counter()'s clock
 
 
 def load_checkpoint(path, training=True):
@@ -637,6 +649,8 @@ def open_run(args, device, checkpoint, images):
         run.step = checkpoint["step"]
         run.history = checkpoint["history"]
     run.first_epoch = run.epoch + 1
+    if args.max_minutes:
+        run.deadline = time.perf_counter() + 60 * args.max_minutes
     capabilities = {}
     if hasattr(torch.cpu, "get_capabilities"):  # an older PyTorch cannot tell
         capabilities = torch.cpu.get_capabilities()
@@ -665,6 +679,9 @@ def close_run(run):
 
 def start_epoch(run, epoch, steps_per_epoch):
     run.started = time.perf_counter()
+    if run.history and run.started + run.history[-1]["seconds"] > run.deadline:
+        raise TimeUp(f"stopped by --max-minutes {run.args.max_minutes:g} before epoch {epoch}, which "
+                     f"would end past it; {how_to_continue(run)}")
     run.sums = None
     run.g_steps = 0
     run.bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{run.args.epochs}", leave=False,
@@ -685,6 +702,12 @@ def log_step(run, step, i, d_loss, w_estimate, g_loss):
     else:
         run.sums = run.sums + losses
     run.bar.update()
+    if time.perf_counter() > run.deadline:  # an epoch slower than the last: stop within it
+        run.bar.close()
+        needed = math.ceil((time.perf_counter() - run.started) / (i + 1) * run.bar.total / 60)
+        more = f" --max-minutes {needed + 1}"
+        raise TimeUp(f"stopped by --max-minutes {run.args.max_minutes:g} in epoch {epoch}, which "
+                     f"takes about {needed} min here; {how_to_continue(run, more)}")
     if run.signals:
         name = signal.Signals(run.signals[0]).name
         tqdm.write(f"interrupted by {name} in epoch {epoch}/{run.args.epochs}; "

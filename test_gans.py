@@ -501,8 +501,8 @@ def test_amp_with_wgan_gp_on_the_cpu_keeps_the_penalty_in_fp32_and_trains_the_cr
     assert fake.dtype == torch.bfloat16  # what G gives the D step under --amp
     penalties = []
 
-    def recording_penalty(critic, real_images, fake_images):
-        penalty = gradient_penalty(critic, real_images, fake_images)
+    def recording_penalty(critic, real_images, fake_images, labels=None):
+        penalty = gradient_penalty(critic, real_images, fake_images, labels)
         penalties.append(penalty)
         return penalty
     monkeypatch.setattr(module, "gradient_penalty", recording_penalty)
@@ -1757,3 +1757,266 @@ def test_every_relative_link_and_picture_resolves_and_every_anchor_is_a_heading(
         assert linked.exists() and HERE in linked.parents, f"{page}: {link}"
         if anchor:
             assert anchor in heading_anchors(linked), f"{page}: {link}: no such heading"
+
+
+# ----------------------------------------------------------------------------------------------------
+# --cond: a class-conditional GAN (Mirza & Osindero, arXiv 1411.1784), its D a projection D (1802.05637)
+# ----------------------------------------------------------------------------------------------------
+class LabelledLinearCritic(nn.Module):
+    """D(x, y) = w_y . flatten(x): the input gradient of a sample of class y is w_y, so the penalty is
+    mean over the batch of (||w_y|| - 1)^2, each sample with its own class."""
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())  # (classes, 784)
+
+    def forward(self, x, labels):
+        return (x.flatten(1) * self.w[labels]).sum(1)
+
+
+@pytest.mark.parametrize("shape", [(12, 784), (12, 1, 28, 28)])
+def test_gradient_penalty_of_a_labelled_linear_critic_is_exact_per_sample_and_class(shape):
+    torch.manual_seed(0)
+    w = torch.randn(10, 784, dtype=torch.float64) * torch.linspace(0.01, 0.2, 10, dtype=torch.float64).view(10, 1)
+    labels = torch.tensor([0, 3, 3, 9, 1, 2, 5, 5, 5, 7, 8, 6])
+    real, fake = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    gp = gradient_penalty(LabelledLinearCritic(w).double(), real, fake, labels)
+    expected = ((w[labels].norm(dim=1) - 1) ** 2).mean()
+    torch.testing.assert_close(gp, expected, rtol=1e-10, atol=1e-12)
+    wrong = ((w[(labels + 1) % 10].norm(dim=1) - 1) ** 2).mean()  # each scored with another class
+    assert abs(gp.item() - wrong.item()) > 1e-3
+
+
+CONDITIONAL = [("gan_fc", {}), ("gan_conv", {"width": 8}), ("gan_conv", {"width": 8, "disc": "fc"})]
+
+
+def conditional_models(script, loss, flags):
+    argv = ["--loss", loss, "--cond"] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    return SCRIPTS[script].build_models(SCRIPTS[script].parse_args(argv))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("script, flags", CONDITIONAL)
+def test_conditional_models_take_the_class_and_start_as_the_plain_d(script, flags, loss):
+    torch.manual_seed(0)
+    G, D = conditional_models(script, loss, flags)
+    latent = 100 if script == "gan_fc" else 128
+    labels = torch.tensor([0, 7, 7, 9])
+    z = torch.randn(4, latent)
+    x = G(z, labels)
+    assert x.shape == (4, 1, 28, 28)
+    assert not torch.equal(G.eval()(z, labels)[1], G(z, torch.tensor([0, 3, 7, 9]))[1])  # the class matters
+    # One-hot rows are the class indices; rows of class weights are a walk between two classes.
+    torch.testing.assert_close(G(z, labels), G(z, torch.eye(10)[labels]))
+    D.eval()
+    assert D(x, labels).shape == (4, 1)
+    torch.testing.assert_close(D(x, labels), D(x))  # the projection starts at 0: the plain D's score
+    with torch.no_grad():
+        D.embed.weight.normal_()
+    assert not torch.allclose(D(x, labels), D(x, labels.roll(1)))  # trained, the class moves the score
+    features = D.net[:-1](x.flatten(1) if script == "gan_fc" or flags.get("disc") == "fc" else x)
+    pooled = features.flatten(2).sum(2) if features.dim() > 2 else features
+    by_hand = D(x) + (D.embed(labels) * pooled).sum(1, keepdim=True)  # score + <embed(y), sum-pooled features>
+    torch.testing.assert_close(D(x, labels), by_hand)
+
+
+def test_conditional_d_of_the_gradient_penalty_scores_each_sample_on_its_own():
+    _, D = conditional_models("gan_conv", "wgan-gp", {"width": 8})
+    with torch.no_grad():
+        D.embed.weight.normal_()
+    x, labels = torch.randn(5, 1, 28, 28), torch.tensor([1, 2, 3, 4, 5])
+    torch.testing.assert_close(D(x, labels)[:2], D(x[:2], labels[:2]))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_without_cond_the_models_are_built_from_the_same_random_numbers(script):
+    # No new module is made without --cond: the same seed gives the same weights as before --cond existed,
+    # so every table cell and pretrained file is reproduced bit for bit (checked by hand across versions too).
+    torch.manual_seed(0)
+    G, D = SCRIPTS[script].build_models(SCRIPTS[script].parse_args([]))
+    after = torch.rand(1)
+    assert not any("embed" in name for name, _ in D.named_parameters())
+    torch.manual_seed(0)
+    SCRIPTS[script].build_models(SCRIPTS[script].parse_args(["--cond"]))
+    assert not torch.equal(torch.rand(1), after)  # --cond draws more numbers; without it, none are drawn
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_conditional_run_draws_its_fakes_with_the_real_batchs_classes(script, fake_data, tmp_path, monkeypatch):
+    module = SCRIPTS[script]
+    images, labels = module.load_fashion_mnist(fake_data)
+    class_of = {bytes(image.numpy()): int(label) for image, label in zip(images, labels)}
+    seen = []
+    real_d_step, real_g_step = module.d_step, module.g_step
+
+    def d_step(D, opt_d, real, fake, *argv):
+        batch = ((real + 1) * 127.5).round().to(torch.uint8)
+        seen.append(([class_of[bytes(image.numpy())] for image in batch], argv[-1].tolist()))
+        return real_d_step(D, opt_d, real, fake, *argv)
+
+    def g_step(D, opt_g, fake, loss, amp, labels):
+        assert labels.tolist() == seen[-1][1]  # G's step scores the fakes with the same classes
+        return real_g_step(D, opt_g, fake, loss, amp, labels)
+    monkeypatch.setattr(module, "d_step", d_step)
+    monkeypatch.setattr(module, "g_step", g_step)
+    module.main(tiny(script, fake_data, tmp_path, "--cond", "--loss", "wgan-gp", "--n-critic", "1", "--epochs", "1"))
+    assert len(seen) == 128 // 32
+    for classes_of_the_reals, classes_asked in seen:
+        assert classes_asked == classes_of_the_reals
+    assert len({tuple(asked) for _, asked in seen}) > 1  # a new mix every batch
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_conditional_run_draws_a_row_per_class_from_the_same_noise_and_generates_one_class(
+        script, fake_data, tmp_path):
+    module = SCRIPTS[script]
+    out = tmp_path / "run"
+    module.main(tiny(script, fake_data, out, "--cond", "--epochs", "2"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["cond"] is True and "embed.weight" in ckpt["D"]
+    from PIL import Image
+    import numpy as np
+    grid = np.asarray(Image.open(out / "samples_epoch002.png").convert("L"))
+    assert grid.shape == (10 * 30 + 2, 10 * 30 + 2)  # 10 classes x 10 noise vectors
+    args = module.parse_args(["--cond"] + (["--width", "8"] if script == "gan_conv" else []))
+    G, _ = module.build_models(args)
+    G.load_state_dict(ckpt["G"])
+    z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(0))[:10]
+    row = module.sample(G, z, torch.full((10,), 3))  # the class in the 4th row, the fixed noise of every row
+    drawn = torch.from_numpy(grid[2 + 3 * 30:2 + 3 * 30 + 28, 2:2 + 28]).clone()
+    assert torch.equal(drawn, row[0, 0])
+    # --generate --class: N samples of one class, by name (any case) or by index
+    for name, folder in (("Sneaker", "a"), ("sneaker", "b"), ("7", "c"), ("Bag", "d")):
+        module.main(["--resume", str(out / "checkpoint.pt"), "--generate", "12", "--class", name,
+                     "--out", str(tmp_path / folder)])
+    generated = {f: torch.load(tmp_path / f / "generated.pt", weights_only=True) for f in "abcd"}
+    assert generated["a"].shape == (12, 1, 28, 28)
+    assert torch.equal(generated["a"], generated["b"]) and torch.equal(generated["a"], generated["c"])
+    assert not torch.equal(generated["a"], generated["d"])
+    torch.manual_seed(0)  # as --generate: seed, build the models, then draw z
+    module.build_models(args)
+    z = torch.randn(12, args.latent_dim)
+    assert torch.equal(generated["a"], module.sample(G, z, torch.full((12,), 7)))
+    module.main(["--resume", str(out / "checkpoint.pt"), "--generate", "20", "--out", str(tmp_path / "all")])
+    every = torch.load(tmp_path / "all" / "generated.pt", weights_only=True)
+    torch.manual_seed(0)
+    module.build_models(args)
+    z = torch.randn(20, args.latent_dim)
+    assert torch.equal(every, module.sample(G, z, torch.arange(20) // 2))  # every class in turn, 2 of each
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_keeps_cond_and_refuses_to_change_it(script, fake_data, tmp_path):
+    module = SCRIPTS[script]
+    module.main(tiny(script, fake_data, tmp_path / "c", "--cond", "--epochs", "1"))
+    module.main(["--resume", str(tmp_path / "c" / "checkpoint.pt"), "--epochs", "2"])
+    ckpt = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["cond"] is True
+    module.main(tiny(script, fake_data, tmp_path / "u", "--epochs", "1"))
+    exits_with_one_line(module.main, ["--resume", str(tmp_path / "u" / "checkpoint.pt"), "--epochs", "2", "--cond"],
+                        "--cond cannot change when a run resumes")
+    exits_with_one_line(module.main, ["--resume", str(tmp_path / "u" / "checkpoint.pt"), "--generate", "4",
+                                      "--class", "Bag"], "--class needs a run trained with --cond")
+    exits_with_one_line(module.main, ["--resume", str(tmp_path / "c" / "checkpoint.pt"), "--generate", "4",
+                                      "--class", "Hat"], "--class Hat is not a class", "Sneaker")
+    exits_with_one_line(module.main, ["--class", "Bag"], "--class NAME goes with --generate")
+
+
+# ----------------------------------------------------------------------------------------------------
+# --ema: an average of G's weights to sample from (Yazici et al., arXiv 1806.04498)
+# ----------------------------------------------------------------------------------------------------
+def test_the_average_by_hand_weights_and_batchnorm_statistics_alike_with_its_warm_up():
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    average = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    G(torch.randn(8, 3))  # G's running statistics move, and it has counted one batch
+    before = {k: v.clone() for k, v in average.state_dict().items()}
+    gan_fc.update_average(average, G, 0.9, 10**9)  # long after the warm-up: the decay itself
+    for name, value in average.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            assert value.item() == 1  # a count is copied, not averaged
+        else:
+            torch.testing.assert_close(value, 0.9 * before[name] + 0.1 * G.state_dict()[name])
+    before = {k: v.clone() for k, v in average.state_dict().items()}
+    gan_fc.update_average(average, G, 0.999, 0)  # the first G step: (1 + 0) / (10 + 0) = 0.1
+    torch.testing.assert_close(average[0].weight, 0.1 * before["0.weight"] + 0.9 * G[0].weight)
+    gan_fc.update_average(average, G, 0.999, 90)  # (1 + 90) / (10 + 90) = 0.91 < 0.999
+    for _ in range(200):
+        gan_fc.update_average(average, G, 0.999, 10**9)
+    assert not torch.allclose(average[0].weight, G[0].weight)  # 0.999: still far
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ema_changes_nothing_in_training_and_keeps_its_average_through_a_resume(script, fake_data, tmp_path):
+    module = SCRIPTS[script]
+    module.main(tiny(script, fake_data, tmp_path / "plain", "--loss", "wgan-gp", "--epochs", "2"))
+    module.main(tiny(script, fake_data, tmp_path / "ema", "--loss", "wgan-gp", "--epochs", "2", "--ema"))
+    module.main(tiny(script, fake_data, tmp_path / "split", "--loss", "wgan-gp", "--epochs", "1", "--ema"))
+    module.main(["--resume", str(tmp_path / "split" / "checkpoint.pt"), "--epochs", "2"])
+    plain, ema, split = (torch.load(tmp_path / f / "checkpoint.pt", weights_only=True)
+                         for f in ("plain", "ema", "split"))
+    assert "G_ema" not in plain and ema["args"]["ema"] == module.EMA_DECAY == 0.999
+    for part in ("G", "D"):  # the same run, bit for bit: the average only watches
+        assert all(torch.equal(plain[part][k], ema[part][k]) for k in plain[part])
+    assert all(torch.equal(ema["G_ema"][k], split["G_ema"][k]) for k in ema["G_ema"])  # resumed: the same average
+    assert any(not torch.equal(ema["G_ema"][k], ema["G"][k]) for k in ema["G"])
+    # The grids, --generate and evaluate.py draw from the average; evaluate.py --raw from G itself.
+    import evaluate
+    G_avg, _ = evaluate.load_generator(tmp_path / "ema" / "checkpoint.pt")
+    G_raw, _ = evaluate.load_generator(tmp_path / "ema" / "checkpoint.pt", raw=True)
+    z = torch.randn(64, G_avg.net[0].in_features if script == "gan_fc" else 128,
+                    generator=torch.Generator().manual_seed(0))
+    from PIL import Image
+    import numpy as np
+    grid = torch.from_numpy(np.asarray(Image.open(tmp_path / "ema" / "samples_epoch002.png").convert("L")).copy())
+    assert torch.equal(grid[2:30, 2:30], module.sample(G_avg, z)[0, 0])
+    assert not torch.equal(grid[2:30, 2:30], module.sample(G_raw, z)[0, 0])
+    exits_with_one_line(module.main, ["--resume", str(tmp_path / "plain" / "checkpoint.pt"), "--epochs", "3",
+                                      "--ema"], "--ema cannot change when a run resumes")
+    exits_with_one_line(module.main, ["--ema", "1.5"], "--ema takes a decay from 0 to 1")
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluate.py: density and coverage, class agreement and intra-class FID
+# ----------------------------------------------------------------------------------------------------
+def test_density_and_coverage_by_hand_and_in_chunks():
+    import evaluate
+    # Real points on a line at 0, 1, 2, 3, 4; k = 1: each ball's radius is the distance to the nearest
+    # other point, 1. Samples at 0.5 and 0.2 lie in the balls of 0 and 1 (distances under 1), 10 in none.
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]])
+    fake = torch.tensor([[0.5], [0.2], [10.0]])
+    density, coverage = evaluate.density_coverage(real, fake, k=1)
+    assert density == pytest.approx((2 + 2 + 0) / (1 * 3))
+    assert coverage == pytest.approx(2 / 5)  # the balls of 0 and 1 hold a sample
+    # k = 2: radii 2, 1, 1, 1, 2 (the second nearest); 0.5 and 0.2 still lie in the balls of 0 and 1 only
+    density, coverage = evaluate.density_coverage(real, fake, k=2)
+    assert density == pytest.approx((2 + 2 + 0) / (2 * 3))
+    assert coverage == pytest.approx(2 / 5)
+    torch.manual_seed(0)
+    a, b, far = torch.randn(2000, 8), torch.randn(2000, 8), torch.randn(2000, 8) + 3
+    whole = evaluate.density_coverage(a, b, chunk=5000)
+    assert evaluate.density_coverage(a, b, chunk=77) == pytest.approx(whole)  # chunks change nothing
+    density, coverage = whole
+    assert density == pytest.approx(1.0, abs=0.06)  # two samples of one distribution
+    assert coverage == pytest.approx(1 - 0.5 ** 5, abs=0.02)  # Naeem et al.'s lemma: 0.969 at k = 5
+    density, coverage = evaluate.density_coverage(a, far)
+    assert density < 0.1 and coverage < 0.1
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not on this machine")
+def test_class_agreement_and_intra_class_fid_of_real_images_and_of_a_shuffled_g(real_sets):
+    import evaluate
+    test_images, test_labels, _ = real_sets
+    model = evaluate.load_classifier()
+    train_images, train_labels = gan_fc.load_fashion_mnist(HERE / "data", train=True)
+    test_features = evaluate.predict(model, test_images[:2000])[0]
+    chosen = torch.arange(2000)
+    m = evaluate.evaluate_images(model, train_images[chosen], test_features, asked=train_labels[chosen],
+                                 test_labels=test_labels[:2000])
+    predicted = evaluate.predict(model, train_images[chosen])[1].argmax(1)
+    assert m["agreement"] == pytest.approx((predicted == train_labels[chosen]).double().mean().item())
+    assert m["agreement"] > 0.9 and min(m["agreement_per_class"]) > 0.6
+    assert len(m["intra_fid_per_class"]) == 10 and m["intra_fid"] < 30
+    wrong = evaluate.evaluate_images(model, train_images[chosen], test_features, asked=train_labels[chosen].roll(1),
+                                     test_labels=test_labels[:2000])
+    assert wrong["agreement"] < 0.3 and wrong["intra_fid"] > 5 * m["intra_fid"]  # the classes asked, not drawn
+    assert wrong["fid"] == pytest.approx(m["fid"])  # FID cannot tell
