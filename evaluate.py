@@ -40,6 +40,7 @@ CLASSIFIER_SHA256 = "34d8cecc3d4ff9c06c4dc612e6ea4bb6876fb7a6d0d381be3aecd60a900
 CLASSES = gan_fc.CLASS_NAMES  # T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Boot
 COVERED = 0.01  # a class is covered when at least this share of the samples is predicted as it
 NEIGHBOURS = 5  # k of density and coverage, as Naeem et al. advise
+STEER_SMOOTHING = 2.0  # --steer's default (docs/evaluation.md measures it against plain ascent)
 
 
 class Classifier(nn.Module):
@@ -217,14 +218,18 @@ def load_generator(checkpoint, device=torch.device("cpu"), raw=False):
     args = module.parse_args(["--loss", ckpt["args"]["loss"]])  # a flag newer than the checkpoint: its loss's default
     vars(args).update(ckpt["args"])
     G, _ = module.build_models(args)
-    weights = ckpt["G"] if raw else module.generator_weights(ckpt)
+    weights = module.generator_weights(ckpt)
+    if raw and "G" not in ckpt:
+        sys.exit(f"error: {checkpoint} holds only the average of G, not G itself (--raw)")
+    if raw:
+        weights = ckpt["G"]
     G.load_state_dict(weights)  # fp16 weights (pretrained/) are copied into the fp32 model
     return G.to(device), ckpt
 
 
 def which_generator(ckpt, raw=False):
     """'average' when the samples come from a run's average of G (--ema), else 'G'."""
-    if ckpt.get("averaged") or ("G_ema" in ckpt and not raw):
+    if "G_ema" in ckpt and not raw:
         return "average"
     return "G"
 
@@ -238,6 +243,49 @@ def generate(checkpoint, n, seed, device, raw=False):
     if ckpt["args"].get("cond"):
         labels = drawn_classes(n).to(device)
     return gan_fc.sample(G, z.to(device), labels), ckpt
+
+
+def steer(G, classifier, z, target, steps=100, lr=0.05, smoothing=0.0, draws=4, seed=0, every=10):
+    """Controllable generation without retraining: gradient ascent on each noise vector z toward class `target`,
+    maximising the classifier's log p(target | G(z)) with Adam. Each z stops at the first step at which the
+    classifier puts G(z) in the target class, so it moves no further than it must. smoothing > 0 follows the
+    slope of log p averaged over `draws` noisy copies z + smoothing * e, e ~ N(0, I), one more lever than plain
+    ascent: a plain step follows the slope at z alone, which can lead to an image that raises p(target) a little
+    without becoming the target, and stays there. Returns the final z (each as it was when it stopped), the step
+    at which each reached the target (-1: never), and the images of every z every `every` steps (uint8)."""
+    G.eval().requires_grad_(False)
+    classifier.eval().requires_grad_(False)
+    noise = torch.Generator(device=z.device).manual_seed(seed)
+    start = z.detach()
+    z = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=lr)
+    reached = torch.full((len(z),), -1, device=z.device)
+    stopped = start.clone()
+    frames = []
+    for step in range(steps + 1):
+        with torch.no_grad():
+            images = G(z)
+            hit = (classifier(((images + 1) * 127.5).round().clamp(0, 255)).argmax(1) == target) & (reached < 0)
+            stopped[hit] = z[hit]
+            reached[hit] = step
+            if step % every == 0 or step == steps:
+                frames.append(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+        if step == steps or (reached >= 0).all():
+            break
+        copies = z.unsqueeze(1)
+        if smoothing:
+            shake = torch.randn(len(z), draws, z.size(1), generator=noise, device=z.device)
+            copies = copies + smoothing * shake
+        log_p = F.log_softmax(classifier.head(classifier.body(G(copies.flatten(0, 1)))), 1)[:, target]
+        optimizer.zero_grad(set_to_none=True)
+        (-log_p.sum() / copies.size(1)).backward()
+        optimizer.step()
+        with torch.no_grad():
+            done = reached >= 0
+            z[done] = stopped[done]  # a z that reached the target stays where it first did
+    final = torch.where((reached >= 0).unsqueeze(1), stopped, z.detach())
+    G.requires_grad_(True)
+    return final, reached.cpu(), frames
 
 
 def command_of(script, settings):
@@ -268,18 +316,20 @@ def command_of(script, settings):
     return " ".join(words)
 
 
-def export_pretrained(checkpoint, path, samples, seed, data_root, device):
-    """A run's G as a small file for pretrained/: the G to sample from (the run's average where it kept one), fp16,
-    the run's settings, epoch and command, and the scores of this very file (fp16 weights loaded into the fp32
-    model), its SHA-256 in SHA256SUMS."""
+def export_pretrained(checkpoint, path, samples, seed, data_root, device, average_only=False):
+    """A run's G as a small file for pretrained/: G and, where the run kept one (--ema), its average G_ema, which
+    the scripts and evaluate.py sample from (average_only: G_ema alone, half the size); fp16, with the run's
+    settings, epoch and command, and the scores of this very file (fp16 weights loaded into the fp32 model), its
+    SHA-256 in SHA256SUMS."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "D" not in ckpt or ckpt.get("script") not in ("gan_fc", "gan_conv"):
         sys.exit(f"error: {checkpoint} is not a training checkpoint of gan_fc.py or gan_conv.py")
     module = {"gan_fc": gan_fc, "gan_conv": gan_conv}[ckpt["script"]]
     settings = {k: v for k, v in ckpt["args"].items() if k not in ("out", "resume", "generate", "given", "class_name")}
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in module.generator_weights(ckpt).items()}
-    shipped = dict(script=ckpt["script"], args=settings, epoch=ckpt["epoch"], G=weights, averaged="G_ema" in ckpt,
-                   command=command_of(ckpt["script"], settings))
+    shipped = dict(script=ckpt["script"], args=settings, epoch=ckpt["epoch"], command=command_of(ckpt["script"], settings))
+    for name in ("G", "G_ema"):
+        if name in ckpt and not (average_only and name == "G" and "G_ema" in ckpt):
+            shipped[name] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt[name].items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sums = path.parent / "SHA256SUMS"
@@ -359,6 +409,31 @@ def append_results(path, name, m, extra):
         writer.writerow(row)
 
 
+def steer_every_class(checkpoint, starts, steps, smoothing, seed, device):
+    """--steer: `starts` noise vectors steered toward each class in turn; per class, the share that reached it
+    within `steps` steps, the median step at which they did, and how far z moved (||z - z0|| / ||z0||)."""
+    G, ckpt = load_generator(checkpoint, device)
+    if ckpt["args"].get("cond"):
+        sys.exit(f"error: {checkpoint} is a conditional G: ask it for a class with --class; --steer is for one that "
+                 f"was trained without classes")
+    model = load_classifier().to(device)
+    z = torch.randn(starts, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(seed)).to(device)
+    print(f"{checkpoint}: {starts} noise vectors steered toward each class, at most {steps} steps, smoothing "
+          f"{smoothing:g}")
+    shares = []
+    for target, name in enumerate(CLASSES):
+        final, reached, _ = steer(G, model, z, target, steps, smoothing=smoothing, seed=seed)
+        done = reached >= 0
+        moved = ((final - z).norm(dim=1) / z.norm(dim=1)).cpu()[done]
+        shares.append(done.double().mean().item())
+        median_step = reached[done].median().item() if done.any() else float("nan")
+        median_move = moved.median().item() if done.any() else float("nan")
+        print(f"  {name:9} reached by {shares[-1]:6.1%}   median step {median_step:5.0f}   z moved {median_move:.0%} "
+              f"of its length (median)")
+    print(f"  every class: {min(shares):.1%} to {max(shares):.1%}")
+    return shares
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", nargs="*", help="checkpoint.pt files of gan_fc.py or gan_conv.py")
@@ -370,7 +445,14 @@ def main(argv=None):
     p.add_argument("--train-classifier", action="store_true", help="retrain fmnist_classifier.pt")
     p.add_argument("--pretrained", metavar="FILE", help="write the one checkpoint's G, fp16, with its scores, to "
                    "FILE (for pretrained/), and its SHA-256 to SHA256SUMS beside it")
+    p.add_argument("--steer", metavar="CHECKPOINT", help="steer an unconditional G's noise toward each class with "
+                   "the classifier's gradient, and say how often it gets there")
+    p.add_argument("--steps", type=int, default=100, help="--steer: steps at most (default: 100)")
+    p.add_argument("--starts", type=int, default=64, help="--steer: noise vectors per class (default: 64)")
+    p.add_argument("--smoothing", type=float, default=STEER_SMOOTHING,
+                   help=f"--steer: follow the slope averaged over noisy copies of z, this far (default: {STEER_SMOOTHING:g}; 0: plain ascent)")
     p.add_argument("--raw", action="store_true", help="score G itself, not the average a run kept (--ema)")
+    p.add_argument("--average-only", action="store_true", help="with --pretrained: ship the average of G alone")
     p.add_argument("--data-root", default="./data", help="(default: ./data)")
     p.add_argument("--results", default="results.csv", help="file the rows are appended to (default: results.csv)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
@@ -383,13 +465,19 @@ def main(argv=None):
     if args.train_classifier:
         train_classifier(args.data_root)
         return
-    if not args.floor and not args.checkpoints:
-        p.error("name checkpoints to evaluate, or --floor, or --train-classifier")
     device = gan_fc.pick_device(args.device)
+    if args.steer:
+        if args.steps < 1 or args.starts < 1 or args.smoothing < 0:
+            p.error("--steps and --starts must be at least 1, and --smoothing not negative")
+        steer_every_class(args.steer, args.starts, args.steps, args.smoothing, args.seed, device)
+        return
+    if not args.floor and not args.checkpoints:
+        p.error("name checkpoints to evaluate, or --floor, --steer or --train-classifier")
     if args.pretrained:
         if len(args.checkpoints) != 1:
             p.error("--pretrained FILE takes one checkpoint")
-        export_pretrained(args.checkpoints[0], args.pretrained, args.samples, args.seed, args.data_root, device)
+        export_pretrained(args.checkpoints[0], args.pretrained, args.samples, args.seed, args.data_root, device,
+                          args.average_only)
         return
     model = load_classifier()
     test_images, test_labels = gan_fc.load_fashion_mnist(args.data_root, train=False)

@@ -41,7 +41,7 @@ SCRIPT = "gan_conv"
 # this conv critic learns far faster so: FID 94.9, not 304.5, at width 32 after 10 epochs (seed 0,
 # machine C; docs/experiments.md).
 DEFAULTS = dict(loss="bce", epochs=50, latent_dim=128, disc="conv", width=128, clip=0.01,
-                gp_weight=10.0, cond=False, cond_d="projection", ema=0.0, seed=0, device="auto",
+                gp_weight=10.0, cond=False, ema=0.0, seed=0, device="auto",
                 data_root="data", train_images=60000, sample_every=5, max_minutes=0.0, amp=False)
 LOSS_DEFAULTS = {
     "bce": dict(lr=2e-4, betas=(0.5, 0.999), n_critic=1, batch_size=128),
@@ -50,7 +50,13 @@ LOSS_DEFAULTS = {
     "wgan-gp": dict(lr=2e-4, betas=(0.0, 0.9), n_critic=1, batch_size=128),
 }
 EMA_DECAY = 0.999  # a bare --ema (docs/experiments.md measures it against 0.9999)
-SPEED_HINT = "--width 32 is about 10x faster"
+
+
+def speed_hint(args):
+    """What the machinery suggests when an epoch is slow."""
+    if args.width > 32:
+        return "--width 32 is about 10x faster"
+    return "--train-images 6000 trains on a tenth of the images, for a first look"
 
 
 def command_line():
@@ -74,8 +80,6 @@ def command_line():
     parser.add_argument("--gp-weight", type=float, help="wgan-gp: the penalty's weight lambda (10)")
     parser.add_argument("--cond", action="store_true", default=None,
                         help="a class-conditional GAN: G and D are told each image's class")
-    parser.add_argument("--cond-d", choices=("projection", "concat"),
-                        help="--cond's D: projection, or label planes beside the image")
     parser.add_argument("--ema", type=float, nargs="?", const=EMA_DECAY, metavar="DECAY",
                         help=f"also keep an average of G to sample from (bare: {EMA_DECAY})")
     parser.add_argument("--seed", type=int, help="seed of weights, noise and batches (default: 0)")
@@ -168,27 +172,23 @@ class Discriminator(nn.Module):
     # DCGAN's D, a raw score out, as gan_fc.py's. norm="group" puts GroupNorm(1, c) in BatchNorm's
     # place: one group normalises each sample on its own over all its channels and pixels, as a
     # per-sample gradient penalty needs.
-    def __init__(self, width=128, norm="batch", classes=0, cond_d="projection"):
+    def __init__(self, width=128, norm="batch", classes=0):
         super().__init__()
-        self.planes = classes if cond_d == "concat" else 0  # --cond-d concat: label planes
         self.net = nn.Sequential(
-            nn.Conv2d(1 + self.planes, width, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),  # 14x14
+            nn.Conv2d(1, width, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),  # 14x14
             nn.Conv2d(width, 2 * width, 4, 2, 1, bias=False),  # 7x7
             norm_layer(norm, 2 * width), nn.LeakyReLU(0.2),
             nn.Conv2d(2 * width, 4 * width, 4, 2, 1, bias=False),  # 3x3
             norm_layer(norm, 4 * width), nn.LeakyReLU(0.2),
             nn.Conv2d(4 * width, 1, 3, 1, 0, bias=False),  # 1x1: one score
         )
-        if classes and not self.planes:  # --cond: a learned vector per class, one value a channel
+        if classes:  # --cond: a learned vector per class, one value a channel of the last features
             self.embed = nn.Embedding(classes, 4 * width)
             nn.init.zeros_(self.embed.weight)  # the class term starts at 0: at first, the plain D
 
     def forward(self, x, labels=None):
         if labels is None:
             return self.net(x).view(-1, 1)
-        if self.planes:  # --cond-d concat: ten planes beside the image, the class's all ones
-            planes = one_hot(labels).view(-1, self.planes, 1, 1).expand(-1, -1, *x.shape[2:])
-            return self.net(torch.cat([x, planes], dim=1)).view(-1, 1)
         # --cond: the projection D (Miyato & Koyama, arXiv 1802.05637, eq. 3): the score, plus the
         # agreement of the class's vector with the last features, summed over the 3x3 map.
         features = self.net[:-1](x)
@@ -250,7 +250,7 @@ def build_models(args):
     norm = "batch"
     if args.loss == "wgan-gp":
         norm = "group"
-    return G, Discriminator(args.width, norm, classes, args.cond_d)
+    return G, Discriminator(args.width, norm, classes)
 
 
 # ==================================================================================================
@@ -493,7 +493,7 @@ def write_generated(G, args, checkpoint, device):
 # each epoch, stops cleanly on Ctrl-C, prints its progress and draws progress.gif and losses.png.
 # ##################################################################################################
 SLOW_EPOCH_SECONDS = 120  # an epoch slower than this is announced early, with how to go faster
-FIXED_ON_RESUME = ("loss", "disc", "width", "latent_dim", "seed", "cond", "cond_d", "ema")
+FIXED_ON_RESUME = ("loss", "disc", "width", "latent_dim", "seed", "cond", "ema")  # either script's
 
 
 class TimeUp(Exception):
@@ -548,9 +548,11 @@ def load_checkpoint(path, training=True):
         fail(f"cannot read checkpoint {path}: {what} ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT:
         fail(f"{path} is not a checkpoint of {SCRIPT}.py")
-    needed = ["args", "G"]
+    needed = ["args"]
     if training:
-        needed += ["D", "opt_g", "opt_d", "epoch", "step", "rng", "history"]
+        needed += ["G", "D", "opt_g", "opt_d", "epoch", "step", "rng", "history"]
+    elif "G_ema" not in checkpoint:  # a file in pretrained/ may hold the average of G alone
+        needed.append("G")
     if training and checkpoint.get("args", {}).get("ema"):
         needed.append("G_ema")
     missing = [key for key in needed if key not in checkpoint]
@@ -622,8 +624,7 @@ def restore(checkpoint, G, D, opt_g, opt_d, args, device, G_ema=None):
 
 
 def generator_weights(checkpoint):
-    """The G to draw samples from: the run's average of G where it kept one (--ema), else G. (A file
-    in pretrained/ holds one G: the average, where its run had one.)"""
+    """The G to draw samples from: the run's average of G where it kept one (--ema), else G."""
     if "G_ema" in checkpoint:
         return checkpoint["G_ema"]
     return checkpoint["G"]
@@ -704,10 +705,10 @@ def log_step(run, step, i, d_loss, w_estimate, g_loss):
     run.bar.update()
     if time.perf_counter() > run.deadline:  # an epoch slower than the last: stop within it
         run.bar.close()
-        needed = math.ceil((time.perf_counter() - run.started) / (i + 1) * run.bar.total / 60)
-        more = f" --max-minutes {needed + 1}"
+        minutes = math.ceil((time.perf_counter() - run.started) / (i + 1) * run.bar.total / 60)
+        more = f" --max-minutes {minutes + 1}"
         raise TimeUp(f"stopped by --max-minutes {run.args.max_minutes:g} in epoch {epoch}, which "
-                     f"takes about {needed} min here; {how_to_continue(run, more)}")
+                     f"takes about {minutes} min here; {how_to_continue(run, more)}")
     if run.signals:
         name = signal.Signals(run.signals[0]).name
         tqdm.write(f"interrupted by {name} in epoch {epoch}/{run.args.epochs}; "
@@ -722,7 +723,7 @@ def log_step(run, step, i, d_loss, w_estimate, g_loss):
         run_hours = epoch_seconds * (run.args.epochs - epoch + 1) / 3600
         if epoch_seconds > SLOW_EPOCH_SECONDS:
             tqdm.write(f"at this pace an epoch takes {epoch_seconds / 60:.0f} min on this "
-                       f"{run.device.type}, and the run {run_hours:.1f} h; {SPEED_HINT}")
+                       f"{run.device.type}, and the run {run_hours:.1f} h; {speed_hint(run.args)}")
     if (i + 1) % max(1, steps // 10) != 0 and i + 1 != steps:
         return
     counts = torch.tensor([i + 1, i + 1, max(run.g_steps, 1)], device=run.device)

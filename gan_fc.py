@@ -48,7 +48,11 @@ LOSS_DEFAULTS = {
     "wgan-gp": dict(lr=1e-4, betas=(0.0, 0.9), n_critic=5, batch_size=128),
 }
 EMA_DECAY = 0.999  # a bare --ema (docs/experiments.md measures it against 0.9999)
-SPEED_HINT = "--train-images 6000 trains on a tenth of the images, for a first look"
+
+
+def speed_hint(args):
+    """What the machinery suggests when an epoch is slow."""
+    return "--train-images 6000 trains on a tenth of the images, for a first look"
 
 
 def command_line():
@@ -430,7 +434,7 @@ def write_generated(G, args, checkpoint, device):
 # each epoch, stops cleanly on Ctrl-C, prints its progress and draws progress.gif and losses.png.
 # ##################################################################################################
 SLOW_EPOCH_SECONDS = 120  # an epoch slower than this is announced early, with how to go faster
-FIXED_ON_RESUME = ("loss", "disc", "width", "latent_dim", "seed", "cond", "cond_d", "ema")
+FIXED_ON_RESUME = ("loss", "disc", "width", "latent_dim", "seed", "cond", "ema")  # either script's
 
 
 class TimeUp(Exception):
@@ -485,9 +489,11 @@ def load_checkpoint(path, training=True):
         fail(f"cannot read checkpoint {path}: {what} ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT:
         fail(f"{path} is not a checkpoint of {SCRIPT}.py")
-    needed = ["args", "G"]
+    needed = ["args"]
     if training:
-        needed += ["D", "opt_g", "opt_d", "epoch", "step", "rng", "history"]
+        needed += ["G", "D", "opt_g", "opt_d", "epoch", "step", "rng", "history"]
+    elif "G_ema" not in checkpoint:  # a file in pretrained/ may hold the average of G alone
+        needed.append("G")
     if training and checkpoint.get("args", {}).get("ema"):
         needed.append("G_ema")
     missing = [key for key in needed if key not in checkpoint]
@@ -559,8 +565,7 @@ def restore(checkpoint, G, D, opt_g, opt_d, args, device, G_ema=None):
 
 
 def generator_weights(checkpoint):
-    """The G to draw samples from: the run's average of G where it kept one (--ema), else G. (A file
-    in pretrained/ holds one G: the average, where its run had one.)"""
+    """The G to draw samples from: the run's average of G where it kept one (--ema), else G."""
     if "G_ema" in checkpoint:
         return checkpoint["G_ema"]
     return checkpoint["G"]
@@ -641,10 +646,10 @@ def log_step(run, step, i, d_loss, w_estimate, g_loss):
     run.bar.update()
     if time.perf_counter() > run.deadline:  # an epoch slower than the last: stop within it
         run.bar.close()
-        needed = math.ceil((time.perf_counter() - run.started) / (i + 1) * run.bar.total / 60)
-        more = f" --max-minutes {needed + 1}"
+        minutes = math.ceil((time.perf_counter() - run.started) / (i + 1) * run.bar.total / 60)
+        more = f" --max-minutes {minutes + 1}"
         raise TimeUp(f"stopped by --max-minutes {run.args.max_minutes:g} in epoch {epoch}, which "
-                     f"takes about {needed} min here; {how_to_continue(run, more)}")
+                     f"takes about {minutes} min here; {how_to_continue(run, more)}")
     if run.signals:
         name = signal.Signals(run.signals[0]).name
         tqdm.write(f"interrupted by {name} in epoch {epoch}/{run.args.epochs}; "
@@ -659,7 +664,7 @@ def log_step(run, step, i, d_loss, w_estimate, g_loss):
         run_hours = epoch_seconds * (run.args.epochs - epoch + 1) / 3600
         if epoch_seconds > SLOW_EPOCH_SECONDS:
             tqdm.write(f"at this pace an epoch takes {epoch_seconds / 60:.0f} min on this "
-                       f"{run.device.type}, and the run {run_hours:.1f} h; {SPEED_HINT}")
+                       f"{run.device.type}, and the run {run_hours:.1f} h; {speed_hint(run.args)}")
     if (i + 1) % max(1, steps // 10) != 0 and i + 1 != steps:
         return
     counts = torch.tensor([i + 1, i + 1, max(run.g_steps, 1)], device=run.device)
