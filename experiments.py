@@ -60,7 +60,9 @@ def main(argv=None):
     out = Path(args.out)
     if args.ema_tries:
         data = ["--data-root", args.data_root] if args.data_root else []
-        ema_tries(args.ema_tries, out, data)
+        if not args.skip_training:
+            ema_tries(args.ema_tries, out, data)
+        score_ema_tries(out, args.samples, args.data_root)
         return
     cells = make_cells(out, args.fc_epochs, args.conv_epochs, args.conv_width, args.seeds, args.tutorial_epochs)
     data = ["--data-root", args.data_root] if args.data_root else []
@@ -338,6 +340,64 @@ def ema_tries(name, out, flags=()):
     finally:
         module.update_average = update_run_average
         module.end_epoch = end_run_epoch
+
+
+@torch.no_grad()
+def recompute_batchnorm(G, latent_dim, batches=100, batch_size=128, seed=1):
+    """BatchNorm's statistics measured anew on G's own batches ("standing statistics", as BigGAN's code offers),
+    instead of averaged alongside the weights: G in train mode over `batches` batches of fresh noise, each
+    statistic the plain mean over all of them (momentum None)."""
+    noise = torch.Generator().manual_seed(seed)
+    for module in G.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    G.train()
+    for _ in range(batches):
+        G(torch.randn(batch_size, latent_dim, generator=noise))
+    G.eval()
+    return G
+
+
+def score_ema_tries(out, samples=10000, data_root=None):
+    """Score every snapshot that ema_tries() kept: G, the run's average, the others, and the run's average with its
+    BatchNorm statistics recomputed; rows in out/ema_tries.csv (a snapshot's generator is scored once)."""
+    ckpt = load(out / "checkpoint.pt")
+    module = {"gan_fc": gan_fc, "gan_conv": gan_conv}[ckpt["script"]]
+    args = module.parse_args(["--loss", ckpt["args"]["loss"]])
+    vars(args).update(ckpt["args"])
+    rows_path = out / "ema_tries.csv"
+    rows = list(csv.DictReader(open(rows_path))) if rows_path.exists() else []
+    done = {(r["epoch"], r["generator"]) for r in rows}
+    model = scorer.load_classifier()
+    test_images = gan_fc.load_fashion_mnist(data_root or "data", train=False)[0]
+    test_features = scorer.predict(model, test_images)[0]
+    z = torch.randn(samples, args.latent_dim, generator=torch.Generator().manual_seed(0))
+    for path in sorted((out / "averages").glob("epoch*.pt")):
+        if int(path.stem.removeprefix("epoch")) not in SNAPSHOTS:
+            continue  # the last epochs' files, kept for a resume: the training may delete them as we go
+        state = torch.load(path, weights_only=True)
+        epoch = str(state["epoch"])
+        generators = {"G": state["G"], f"--ema {args.ema:g}, warm-up": state["G_ema"], **state["others"]}
+        if any(name.endswith("running_mean") for name in state["G_ema"]):  # the conv G has BatchNorm, the FC G none
+            generators["--ema, BatchNorm recomputed"] = state["G_ema"]
+        for name, weights in generators.items():
+            if (epoch, name) in done:
+                continue
+            G, _ = module.build_models(args)
+            G.load_state_dict(weights)
+            if name.endswith("recomputed"):
+                recompute_batchnorm(G, args.latent_dim)
+            m = scorer.evaluate_images(model, module.sample(G, z), test_features)
+            rows.append({"epoch": epoch, "generator": name, "fid": f"{m['fid']:.2f}", "density": f"{m['density']:.3f}",
+                         "coverage": f"{m['coverage']:.3f}", "classes": m["classes_covered"]})
+            print(f"epoch {epoch:>3}  {name:32} FID {m['fid']:7.2f}  density {m['density']:.3f}  "
+                  f"coverage {m['coverage']:.3f}  {m['classes_covered']}/10", flush=True)
+            with open(rows_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, ["epoch", "generator", "fid", "density", "coverage", "classes"])
+                writer.writeheader()
+                writer.writerows(rows)
+    return rows
 
 
 if __name__ == "__main__":
