@@ -91,7 +91,7 @@ def command_line():
                                       "runs/<name>-2, ...)")
     parser.add_argument("--sample-every", type=int, help="epochs between sample grids (default: 5)")
     parser.add_argument("--max-minutes", type=float, metavar="M",
-                        help="stop, saved, before an epoch that would end past M minutes (default: 0, none)")
+                        help="stop, saved, before an epoch that would end past M minutes")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="bf16 autocast, faster on recent GPUs and CPUs (default: off)")
     parser.add_argument("--resume", metavar="PATH",
@@ -256,8 +256,9 @@ def build_models(args):
 # ==================================================================================================
 # 3. Data: Fashion-MNIST, 60,000 training images, as one uint8 tensor on the device
 # ==================================================================================================
-CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Boot")  # label 0 to 9 (the dataset's own names: T-shirt/top, Ankle boot)
+# Labels 0 to 9; the dataset's own names are longer for two of them: T-shirt/top, Ankle boot.
+CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+               "Bag", "Boot")
 
 
 def load_fashion_mnist(root, train=True, debian_dir=None):
@@ -681,8 +682,9 @@ def close_run(run):
 def start_epoch(run, epoch, steps_per_epoch):
     run.started = time.perf_counter()
     if run.history and run.started + run.history[-1]["seconds"] > run.deadline:
-        raise TimeUp(f"stopped by --max-minutes {run.args.max_minutes:g} before epoch {epoch}, which "
-                     f"would end past it; {how_to_continue(run)}")
+        limit = run.args.max_minutes
+        raise TimeUp(f"stopped by --max-minutes {limit:g} before epoch {epoch}, which would end "
+                     f"past it; {how_to_continue(run)}")
     run.sums = None
     run.g_steps = 0
     run.bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{run.args.epochs}", leave=False,
@@ -896,7 +898,7 @@ FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 def fetch_fashion_mnist(root, train=True, debian_dir=None):
     """The paths of the images file and the labels file in root/FashionMNIST/raw/, filled on the
-    first run from Debian's package (gzipped: each file unpacked whole or not at all), else online."""
+    first run from Debian's package (gzipped: each file unpacked whole or not at all), or online."""
     from torchvision.datasets.mnist import FashionMNIST
     raw = Path(root) / "FashionMNIST" / "raw"
     try:

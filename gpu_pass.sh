@@ -10,21 +10,26 @@
 #   2. evaluate.py on its checkpoint, with the floor and the noise rows;
 #   3. bench.py on the GPU for the main job's step (conv, wgan-gp): fp32, --amp, each lever one at a time;
 #   4. pytest, with the CUDA tests running;
-#   5. bench.py for conv with bce, fc and convG-fcD;
-#   6. the torch.compile rows (slow to compile) for the main job's step and fc.
-# ONLY="pytest bench_fc" runs just the named steps (main, evaluate, bench_conv_wgan-gp, pytest, bench_conv_bce,
-# bench_fc, bench_convG-fcD, bench_conv_wgan-gp_compile, bench_fc_compile), to finish a pass that ran out of time.
+#   5. the lessons' GPU training cells as they run them (lesson 1, section 6: 3 epochs at width 128; lesson 2,
+#      section 3: the conditional DCGAN at width 32), each with its --max-minutes: their wall time;
+#   6. bench.py for conv with bce, fc and convG-fcD;
+#   7. the torch.compile rows (slow to compile) for the main job's step and fc.
+# ONLY="pytest bench_fc" runs just the named steps (main, evaluate, bench_conv_wgan-gp, pytest, lesson_short,
+# lesson2_cond, bench_conv_bce, bench_fc, bench_convG-fcD, bench_conv_wgan-gp_compile, bench_fc_compile), to
+# finish a pass that ran out of time.
 # Fashion-MNIST comes from ./data/FashionMNIST/raw, Debian's package, or the four *-ubyte.gz files in
 # $FMNIST_GZ (default: data/gz), unpacked here.
 #
 # A dry run on a CPU (about 10 minutes on 2 cores), to check the pass itself:
-#   DEVICE=cpu EPOCHS=2 WIDTH=8 TRAIN_IMAGES=2048 BENCH="--steps 2 --rounds 1 --warmup 2 --width 8
-#   --compile-backend aot_eager" PYTEST_ARGS="-k cuda" GAN_TEST_GPU=cpu bash gpu_pass.sh /tmp/pass
+#   DEVICE=cpu EPOCHS=2 WIDTH=8 TRAIN_IMAGES=2048 LESSON_EPOCHS=1 LESSON2_EPOCHS=1
+#   BENCH="--steps 2 --rounds 1 --warmup 2 --width 8 --compile-backend aot_eager" PYTEST_ARGS="-k cuda"
+#   GAN_TEST_GPU=cpu bash gpu_pass.sh /tmp/pass
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${1:?usage: bash gpu_pass.sh OUT}
 BUDGET=${BUDGET:-510} DEVICE=${DEVICE:-cuda} EPOCHS=${EPOCHS:-50} WIDTH=${WIDTH:-128}
 TRAIN_IMAGES=${TRAIN_IMAGES:-60000} BENCH=${BENCH:-} PYTEST_ARGS=${PYTEST_ARGS:-}
+LESSON_EPOCHS=${LESSON_EPOCHS:-3} LESSON2_EPOCHS=${LESSON2_EPOCHS:-10}  # as the lessons' cells ask on a GPU
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 W=$(mktemp -d)  # the pass's files; only the small ones are packed into OUT
@@ -84,6 +89,10 @@ quick="channels_last tf32 cudnn_benchmark"
     step bench_conv_wgan-gp 75 python bench.py --device "$DEVICE" --arch conv --loss wgan-gp --width "$WIDTH" \
         --levers $quick $BENCH
     step pytest 120 python -m pytest -q -rs -p no:cacheprovider $parallel $PYTEST_ARGS
+    step lesson_short 75 python gan_conv.py --loss lsgan --epochs "$LESSON_EPOCHS" --width "$WIDTH" --max-minutes 5 \
+        --sample-every 1 --device "$DEVICE" --train-images "$TRAIN_IMAGES" --out "$W/lesson_short"
+    step lesson2_cond 75 python gan_conv.py --cond --loss wgan-gp --width 32 --epochs "$LESSON2_EPOCHS" \
+        --max-minutes 5 --sample-every 1 --device "$DEVICE" --train-images "$TRAIN_IMAGES" --out "$W/lesson2_cond"
     step bench_conv_bce 60 python bench.py --device "$DEVICE" --arch conv --width "$WIDTH" --levers $quick $BENCH
     step bench_fc 45 python bench.py --device "$DEVICE" --arch fc --levers $quick $BENCH
     step bench_convG-fcD 40 python bench.py --device "$DEVICE" --arch convG-fcD --width "$WIDTH" --levers $BENCH
@@ -97,6 +106,7 @@ tar czf "$OUT/gpu_pass.tar.gz" -C "$W" --exclude='*.pt' --exclude='*.tmp' .
 {
     echo "== steps"; cat "$W/steps.txt"
     echo "== main job: last epochs"; grep '^epoch' "$W/main.txt" 2> /dev/null | tail -3
+    for f in lesson_short lesson2_cond; do echo "== $f: epochs"; grep '^epoch\|^stopped' "$W/$f.txt" 2> /dev/null; done
     [ -s "$W/main_gpu_memory_mib.txt" ] && echo "peak GPU memory used (nvidia-smi): $(sort -n "$W/main_gpu_memory_mib.txt" | tail -1) MiB"
     echo "== evaluate"; grep -A1 'checkpoint.pt\|floor\|noise' "$W/evaluate.txt" 2> /dev/null | grep -v '^--'
     for f in "$W"/bench_*.txt; do echo "== $(basename "$f" .txt)"; grep -v '^(' "$f" | tail -11; done

@@ -1771,7 +1771,7 @@ def test_the_chinese_readme_has_every_command_flag_and_picture_of_the_english_on
     assert "(README.md)" in zh.read_text(encoding="utf-8")[:300]
     for page in (en, zh):  # a front page, read in five minutes; the details are in docs/
         text = page.read_text(encoding="utf-8")
-        assert len(text) <= 12_500, (page.name, len(text))
+        assert len(text) <= 13_500, (page.name, len(text))
         first_screens = "\n".join(text.splitlines()[:60])
         assert "lesson.ipynb" in first_screens or "lesson.zh-CN.ipynb" in first_screens
         assert "gpu_pass.sh" in first_screens and "pretrained/" in first_screens  # the time table
