@@ -245,10 +245,11 @@ def generate(checkpoint, n, seed, device, raw=False):
     return gan_fc.sample(G, z.to(device), labels), ckpt
 
 
-def steer(G, classifier, z, target, steps=100, lr=0.05, smoothing=0.0, draws=4, seed=0, every=10):
+def steer(G, classifier, z, target, steps=100, lr=0.05, smoothing=0.0, draws=4, leash=0.0, seed=0, every=10):
     """Controllable generation without retraining: gradient ascent on each noise vector z toward class `target`,
-    maximising the classifier's log p(target | G(z)) with Adam. Each z stops at the first step at which the
-    classifier puts G(z) in the target class, so it moves no further than it must. smoothing > 0 follows the
+    maximising the classifier's log p(target | G(z)) - leash * ||z - z0||^2 with Adam's steps. Each z stops at the
+    first step at which the classifier puts G(z) in the target class, so it moves no further than it must; the
+    leash pulls it back toward where it started on the way. smoothing > 0 follows the
     slope of log p averaged over `draws` noisy copies z + smoothing * e, e ~ N(0, I), one more lever than plain
     ascent: a plain step follows the slope at z alone, which can lead to an image that raises p(target) a little
     without becoming the target, and stays there. Returns the final z (each as it was when it stopped), the step
@@ -277,8 +278,9 @@ def steer(G, classifier, z, target, steps=100, lr=0.05, smoothing=0.0, draws=4, 
             shake = torch.randn(len(z), draws, z.size(1), generator=noise, device=z.device)
             copies = copies + smoothing * shake
         log_p = F.log_softmax(classifier.head(classifier.body(G(copies.flatten(0, 1)))), 1)[:, target]
+        distance = (z - start).square().sum()
         optimizer.zero_grad(set_to_none=True)
-        (-log_p.sum() / copies.size(1)).backward()
+        (-log_p.sum() / copies.size(1) + leash * distance).backward()
         optimizer.step()
         with torch.no_grad():
             done = reached >= 0
@@ -409,7 +411,7 @@ def append_results(path, name, m, extra):
         writer.writerow(row)
 
 
-def steer_every_class(checkpoint, starts, steps, smoothing, seed, device):
+def steer_every_class(checkpoint, starts, steps, smoothing, leash, seed, device, classes=None, draws=4):
     """--steer: `starts` noise vectors steered toward each class in turn; per class, the share that reached it
     within `steps` steps, the median step at which they did, and how far z moved (||z - z0|| / ||z0||)."""
     G, ckpt = load_generator(checkpoint, device)
@@ -419,10 +421,12 @@ def steer_every_class(checkpoint, starts, steps, smoothing, seed, device):
     model = load_classifier().to(device)
     z = torch.randn(starts, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(seed)).to(device)
     print(f"{checkpoint}: {starts} noise vectors steered toward each class, at most {steps} steps, smoothing "
-          f"{smoothing:g}")
+          f"{smoothing:g}, leash {leash:g}")
     shares = []
     for target, name in enumerate(CLASSES):
-        final, reached, _ = steer(G, model, z, target, steps, smoothing=smoothing, seed=seed)
+        if classes is not None and target not in classes:
+            continue
+        final, reached, _ = steer(G, model, z, target, steps, smoothing=smoothing, draws=draws, leash=leash, seed=seed)
         done = reached >= 0
         moved = ((final - z).norm(dim=1) / z.norm(dim=1)).cpu()[done]
         shares.append(done.double().mean().item())
@@ -451,6 +455,7 @@ def main(argv=None):
     p.add_argument("--starts", type=int, default=64, help="--steer: noise vectors per class (default: 64)")
     p.add_argument("--smoothing", type=float, default=STEER_SMOOTHING,
                    help=f"--steer: follow the slope averaged over noisy copies of z, this far (default: {STEER_SMOOTHING:g}; 0: plain ascent)")
+    p.add_argument("--leash", type=float, default=0.0, help="--steer: penalty weight on ||z - z0||^2 (default: 0)")
     p.add_argument("--raw", action="store_true", help="score G itself, not the average a run kept (--ema)")
     p.add_argument("--average-only", action="store_true", help="with --pretrained: ship the average of G alone")
     p.add_argument("--data-root", default="./data", help="(default: ./data)")
@@ -467,9 +472,9 @@ def main(argv=None):
         return
     device = gan_fc.pick_device(args.device)
     if args.steer:
-        if args.steps < 1 or args.starts < 1 or args.smoothing < 0:
-            p.error("--steps and --starts must be at least 1, and --smoothing not negative")
-        steer_every_class(args.steer, args.starts, args.steps, args.smoothing, args.seed, device)
+        if args.steps < 1 or args.starts < 1 or args.smoothing < 0 or args.leash < 0:
+            p.error("--steps and --starts must be at least 1, --smoothing and --leash not negative")
+        steer_every_class(args.steer, args.starts, args.steps, args.smoothing, args.leash, args.seed, device)
         return
     if not args.floor and not args.checkpoints:
         p.error("name checkpoints to evaluate, or --floor, --steer or --train-classifier")

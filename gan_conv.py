@@ -235,6 +235,9 @@ def one_hot(labels):
     return F.one_hot(labels, len(CLASS_NAMES)).float()
 
 
+MODEL_FLAGS = ("disc", "width")  # flags that build other models: a resumed run keeps its own
+
+
 def build_models(args):
     classes = 0
     if args.cond:  # --cond: G and D are told the class (Mirza & Osindero, arXiv 1411.1784)
@@ -494,7 +497,7 @@ def write_generated(G, args, checkpoint, device):
 # each epoch, stops cleanly on Ctrl-C, prints its progress and draws progress.gif and losses.png.
 # ##################################################################################################
 SLOW_EPOCH_SECONDS = 120  # an epoch slower than this is announced early, with how to go faster
-FIXED_ON_RESUME = ("loss", "disc", "width", "latent_dim", "seed", "cond", "ema")  # either script's
+FIXED_ON_RESUME = ("loss", "latent_dim", "seed", "cond", "ema", *MODEL_FLAGS)  # --resume keeps them
 
 
 class TimeUp(Exception):
@@ -962,7 +965,8 @@ def write_gif(out, averaged=False):
         if averaged:
             caption += ", the average of G (--ema)"
         grey = Image.open(path).convert("L")
-        frame = Image.new("L", (grey.width, grey.height + 16))  # a black strip for the caption
+        columns, rows = grey.size
+        frame = Image.new("L", (columns, rows + 16))  # the grid under a black strip for its caption
         frame.paste(grey.point([value & 0xF8 for value in range(256)]), (0, 16))  # 32 greys: small
         ImageDraw.Draw(frame).text((4, 3), caption, fill=255)
         frames.append(frame)

@@ -624,15 +624,16 @@ def test_the_twins_share_their_lower_part_word_for_word_and_read_in_the_tutorial
     assert shared["gan_fc"] == shared["gan_conv"]
     assert not re.search(r"\bwidth\b|\bdisc\b", shared["gan_fc"])  # no conv-only code in it
     for script, text in texts.items():
-        marks = ["def parse_args(", "class Generator(", "def build_models(", SHARED_FROM, "def d_step(",
-                 "def g_step(", "def train(", "def main(", "# The machinery", "def write_atomically("]
+        marks = ["def command_line(", "class Generator(", "def build_models(", SHARED_FROM, "def load_fashion_mnist(",
+                 "def d_step(", "def g_step(", "def train(", "def main(", "# The machinery", "def parse_args(",
+                 "def fetch_fashion_mnist(", "def write_atomically("]
         assert [text.index(m) for m in marks] == sorted(text.index(m) for m in marks), script
         lines = text.splitlines()
         start = next(i for i, line in enumerate(lines) if line.startswith("def main("))
         end = next(i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace())
         assert end - start <= 45, f"main() of {script} is {end - start} lines"
         loop = next(i for i, line in enumerate(lines) if line.startswith("def train("))
-        assert loop < 300, f"{script}'s loop starts at line {loop + 1}"
+        assert loop < 350, f"{script}'s loop starts at line {loop + 1}"  # the story, --cond and --ema included
 
 
 @pytest.mark.parametrize("name", ["gan_fc.py", "gan_conv.py", "losses.py"])
@@ -842,17 +843,21 @@ def test_evaluate_command_line_prints_and_appends_the_rows_it_computes(fake_data
            "--results", str(results), "--device", "cpu"]
     first = subprocess.run(cmd + ["--floor", str(ckpt)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
-    assert f"{ckpt} (gan_conv, lsgan, epoch 2)" in first.stdout and f"appended to {results}" in first.stdout
+    assert f"{ckpt} (gan_conv, lsgan, epoch 2, G)" in first.stdout and f"appended to {results}" in first.stdout
     rows = list(csv.DictReader(open(results)))
     assert [r["what"] for r in rows] == ["floor: 300 real training images", "noise: 300 uniform-noise images", str(ckpt)]
     row = rows[2]
-    assert (row["script"], row["loss"], row["epoch"], row["samples"]) == ("gan_conv", "lsgan", "2", "300")
+    assert (row["script"], row["loss"], row["epoch"], row["samples"], row["generator"]) == ("gan_conv", "lsgan", "2",
+                                                                                           "300", "G")
+    assert rows[0]["agreement"] != "" and rows[1]["agreement"] == "" == row["agreement"]  # the floor as a cond. G's
     model = evaluate.load_classifier()  # the same numbers, computed here through the module
     images, _ = evaluate.generate(ckpt, 300, 0, torch.device("cpu"))
     test_images = gan_fc.load_fashion_mnist(fake_data, train=False)[0]
     test_features = evaluate.predict(model, test_images)[0]
     m = evaluate.evaluate_images(model, images, test_features)
     assert float(row["fid_fmnist"]) == pytest.approx(m["fid"], abs=2e-3)
+    assert float(row["density"]) == pytest.approx(m["density"], abs=1e-4)
+    assert float(row["coverage"]) == pytest.approx(m["coverage"], abs=1e-4)
     assert int(row["classes_covered"]) == m["classes_covered"] and f"{m['fid']:.2f}" in first.stdout
     assert sum(float(row[f"share_{c}"]) for c in evaluate.CLASSES) == pytest.approx(1, abs=1e-3)
     evaluate.main(cmd[2:] + [str(ckpt)])  # the same command line, in this process
@@ -1540,7 +1545,7 @@ def test_the_twin_lessons_share_their_code_in_two_languages_import_the_scripts_a
     import nbformat
     books = [nbformat.read(HERE / name, as_version=4) for name in (english, chinese)]
     code = [[c.source for c in nb.cells if c.cell_type == "code"] for nb in books]
-    assert len(code[0]) == len(code[1]) >= 10
+    assert len(code[0]) == len(code[1]) >= 9
     for en, zh in zip(*code):
         assert code_tree(en) == code_tree(zh), en[:200]  # the same code; comments, printouts and titles translated
     cjk = re.compile(r"[\u4e00-\u9fff]")
@@ -1665,7 +1670,7 @@ def test_each_lesson_runs_top_to_bottom_in_a_real_kernel_and_draws_its_pictures(
         assert largest <= 0.01 and penalty_after < penalty_before and steps >= 1  # clipped; the penalty trained
         assert len(runs) == 2 and any((folder / "runs" / r / "interpolation.png").exists() for r in runs)
     else:
-        assert images.count("image/png") >= 10, images
+        assert images.count("image/png") >= 8, images
         agreement, reached, brightness = checks
         assert 0 <= agreement <= 1 and reached >= 0 and brightness >= 0
         assert len(runs) == 1 and list((folder / "runs" / runs[0]).glob("samples_epoch*.png"))
@@ -2115,3 +2120,27 @@ def test_max_minutes_stops_before_an_epoch_that_would_overrun_saved_and_the_prin
     assert "nothing was saved yet" in printed and "run the same command again with --max-minutes" in printed
     assert not (tmp_path / "slow" / "checkpoint.pt").exists()
     exits_with_one_line(module.main, ["--max-minutes", "-1"], "--max-minutes must not be negative")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steering an unconditional G toward a class with the classifier's gradient (evaluate.steer, lesson 2)
+# ----------------------------------------------------------------------------------------------------
+def test_steering_reaches_the_class_stops_where_it_first_did_and_a_leash_keeps_z_closer():
+    import evaluate
+    G, _ = evaluate.load_generator(HERE / "pretrained" / "conv-w32_wgan-gp.pt")
+    model = evaluate.load_classifier()
+    z = torch.randn(10, 128, generator=torch.Generator().manual_seed(5))
+    trouser = gan_fc.CLASS_NAMES.index("Trouser")
+    final, reached, frames = evaluate.steer(G, model, z, trouser, steps=30, smoothing=2.0, every=10)
+    assert (reached >= 0).sum() >= 5  # trousers are among the easiest classes to reach
+    arrived = reached >= 0
+    classes = model(gan_conv.sample(G, final)).argmax(1)
+    assert (classes[arrived] == trouser).all()  # each z kept where the classifier first said Trouser
+    assert torch.equal(final[reached == 0], z[reached == 0])  # already a trouser: not moved at all
+    assert torch.equal(frames[0], gan_conv.sample(G, z)) and all(f.dtype == torch.uint8 for f in frames)
+    plain = ((final - z).norm(dim=1))[arrived]
+    leashed_final, leashed_reached, _ = evaluate.steer(G, model, z, trouser, steps=30, smoothing=2.0, leash=1.0)
+    both = arrived & (leashed_reached > 0) & (reached > 0)
+    assert both.sum() >= 3
+    assert (leashed_final - z).norm(dim=1)[both].median() < (final - z).norm(dim=1)[both].median()
+    assert G.training is False and all(p.requires_grad for p in G.parameters())  # G left as found, but in eval
