@@ -40,7 +40,7 @@ CLASSIFIER_SHA256 = "34d8cecc3d4ff9c06c4dc612e6ea4bb6876fb7a6d0d381be3aecd60a900
 CLASSES = gan_fc.CLASS_NAMES  # T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Boot
 COVERED = 0.01  # a class is covered when at least this share of the samples is predicted as it
 NEIGHBOURS = 5  # k of density and coverage, as Naeem et al. advise
-STEER_SMOOTHING = 2.0  # --steer's default (docs/evaluation.md measures it against plain ascent)
+STEER_SMOOTHING = 3.0  # --steer's default (docs/evaluation.md measures it against plain ascent)
 
 
 class Classifier(nn.Module):
@@ -451,7 +451,7 @@ def main(argv=None):
                    "FILE (for pretrained/), and its SHA-256 to SHA256SUMS beside it")
     p.add_argument("--steer", metavar="CHECKPOINT", help="steer an unconditional G's noise toward each class with "
                    "the classifier's gradient, and say how often it gets there")
-    p.add_argument("--steps", type=int, default=100, help="--steer: steps at most (default: 100)")
+    p.add_argument("--steps", type=int, default=200, help="--steer: steps at most (default: 200)")
     p.add_argument("--starts", type=int, default=64, help="--steer: noise vectors per class (default: 64)")
     p.add_argument("--smoothing", type=float, default=STEER_SMOOTHING,
                    help=f"--steer: follow the slope averaged over noisy copies of z, this far (default: {STEER_SMOOTHING:g}; 0: plain ascent)")
