@@ -38,8 +38,8 @@ SCRIPT = "gan_conv"
 # BCE and LSGAN train with the tutorial's settings (DCGAN's, arXiv 1511.06434); WGAN with its
 # paper's Algorithm 1 (1701.07875) at lr 1e-4, not 5e-5, which is too slow for 50 epochs. WGAN-GP
 # departs from its Algorithm 1 (1704.00028): 1 critic step per G step at lr 2e-4, not 5 at 1e-4, as
-# this conv critic learns far faster so: FID 94.9, not 304.5, at width 32 after 10 epochs (seed 0,
-# machine C; docs/experiments.md).
+# this conv critic learns far faster so: FID 94.9, not 304.5, at width 32 after 10 epochs (seed 0;
+# docs/experiments.md).
 DEFAULTS = dict(loss="bce", epochs=50, latent_dim=128, disc="conv", width=128, clip=0.01,
                 gp_weight=10.0, cond=False, ema=0.0, seed=0, device="auto",
                 data_root="data", train_images=60000, sample_every=5, max_minutes=0.0, amp=False)
