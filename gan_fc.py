@@ -252,8 +252,9 @@ def g_step(D, opt_g, fake, loss, amp=False, labels=None):
 def update_average(G_ema, G, decay, g_steps):
     """--ema: G_ema = decay * G_ema + (1 - decay) * G, weights and BatchNorm's running
     statistics alike, after every G step (Yazici et al., arXiv 1806.04498). The decay grows as
-    (1 + t) / (10 + t) until it reaches its own, so the first weights, drawn at random, fade out
-    of the average within a few hundred steps (a warm-up, as TensorFlow's moving averages have)."""
+    (1 + t) / (10 + t) until it reaches its own (0.999 after about 9,000 steps): the first weights,
+    drawn at random, weigh under 0.1% of the average after 5 steps, and the average stays short
+    while G changes fast (a warm-up, as TensorFlow's moving averages have)."""
     decay = min(decay, (1 + g_steps) / (10 + g_steps))
     for average, current in zip(G_ema.state_dict().values(), G.state_dict().values()):
         if average.is_floating_point():
