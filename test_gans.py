@@ -1436,7 +1436,7 @@ def test_generate_writes_a_latent_walk_whose_rows_end_at_g_of_their_endpoints(sc
 # pretrained/: two small generators, trained with the scripts' defaults
 # ----------------------------------------------------------------------------------------------------
 PRETRAINED = {"fc_bce.pt": ("gan_fc", "python gan_fc.py --epochs 50"),
-              "conv-w32_wgan-gp.pt": ("gan_conv", "python gan_conv.py --loss wgan-gp --width 32 --epochs 50 --ema «EMA_FLAG»"),
+              "conv-w32_wgan-gp.pt": ("gan_conv", "python gan_conv.py --loss wgan-gp --width 32 --epochs 50 --ema 0.999"),
               "conv-w32_wgan-gp_cond.pt": ("gan_conv", "python gan_conv.py --loss wgan-gp --width 32 --epochs 50 "
                                                        "--cond --ema 0.999")}
 
