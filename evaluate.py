@@ -411,7 +411,7 @@ def append_results(path, name, m, extra):
         writer.writerow(row)
 
 
-def steer_every_class(checkpoint, starts, steps, smoothing, leash, seed, device, classes=None, draws=4):
+def steer_every_class(checkpoint, starts, steps, smoothing, leash, seed, device):
     """--steer: `starts` noise vectors steered toward each class in turn; per class, the share that reached it
     within `steps` steps, the median step at which they did, and how far z moved (||z - z0|| / ||z0||)."""
     G, ckpt = load_generator(checkpoint, device)
@@ -424,9 +424,7 @@ def steer_every_class(checkpoint, starts, steps, smoothing, leash, seed, device,
           f"{smoothing:g}, leash {leash:g}")
     shares = []
     for target, name in enumerate(CLASSES):
-        if classes is not None and target not in classes:
-            continue
-        final, reached, _ = steer(G, model, z, target, steps, smoothing=smoothing, draws=draws, leash=leash, seed=seed)
+        final, reached, _ = steer(G, model, z, target, steps, smoothing=smoothing, leash=leash, seed=seed)
         done = reached >= 0
         moved = ((final - z).norm(dim=1) / z.norm(dim=1)).cpu()[done]
         shares.append(done.double().mean().item())
