@@ -1,7 +1,7 @@
 """Tests: every loss against hand-computed values and independent references, the gradient penalty,
 weight clipping, the detach in the D step, and both scripts end to end on tiny synthetic data.
 
-    pytest            # about 200 s on 2 CPU cores (machine E); the real-data tests need Fashion-MNIST
+    pytest            # about 165 s on 2 CPU cores (machine E); the real-data tests need Fashion-MNIST
 
 The CUDA tests run where a CUDA GPU is; elsewhere they are skipped. GAN_TEST_GPU=cpu runs them on the CPU,
 to check the tests themselves on a machine without a GPU.
